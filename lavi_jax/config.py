@@ -1,0 +1,198 @@
+"""Configuration: the defaults every `configs/*.py` starts from, and validation.
+
+A config is an `ml_collections.ConfigDict` with sections `model` (`llm`, `vision`, `projector`,
+`viln`, `fusion`), `mesh`, `checkpoint` and the run options. `configs/<name>.py` calls
+`base_config()`, changes what differs and returns it; `validate(config)` checks it and says
+which key is wrong.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+CONDITIONERS = ('attention', 'mlp', 'conv')
+SUBLAYERS = ('attn', 'mlp', 'final')
+FUSIONS = ('viln', 'concat')
+LLM_ARCHS = ('qwen2', 'llama')
+GATES = ('none', 'tanh')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'qkv_proj')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def base_model_config() -> ml_collections.ConfigDict:
+  """Model defaults (Qwen2-style LLM, SigLIP-style ViT, attention conditioners)."""
+  return ml_collections.ConfigDict(dict(
+      fusion='viln',  # 'viln' (LaVi) or 'concat' (LLaVA-style baseline)
+      image_token_id=151646,  # placeholder ids in the text, one per visual item
+      video_token_id=151647,
+      dtype='bfloat16',  # compute dtype
+      param_dtype='float32',
+      scan_layers=True,  # nn.scan over LLM layers (param axis 'layers')
+      remat='full',  # one of REMAT_POLICIES, applied per scanned block
+      llm=dict(
+          arch='qwen2',
+          vocab_size=151936,
+          hidden_size=896,
+          intermediate_size=4864,
+          num_layers=24,
+          num_heads=14,
+          num_kv_heads=2,
+          head_dim=0,  # 0: hidden_size // num_heads
+          rope_theta=1_000_000.0,
+          rms_norm_eps=1e-6,
+          qkv_bias=True,
+          tie_word_embeddings=True,
+      ),
+      vision=dict(
+          image_size=384,
+          patch_size=14,
+          hidden_size=1152,
+          intermediate_size=4304,
+          num_layers=27,
+          num_heads=16,
+          layer_norm_eps=1e-6,
+          feature_layers=(-2,),  # indices into (embeddings, layer 1, ..., layer L)
+          video_pool=2,  # bilinear down-scaling of each frame's token grid (1: none)
+      ),
+      projector=dict(
+          ctx_dim=1024,  # d_ctx; ignored for fusion='concat' (projects to the LLM width)
+          max_frames=64,  # size of the learned crop/frame-index embedding
+      ),
+      viln=dict(
+          conditioner='attention',
+          sublayers=('attn', 'mlp'),  # subset of SUBLAYERS
+          every=1,  # modulate layers with index % every == 0 ...
+          layers=(),  # ... unless an explicit list of layer indices is given
+          kv_groups=1,  # attention/conv: visual K/V (or ConvMixer) shared by this many groups
+          heads=8,  # attention conditioner heads
+          head_dim=64,
+          mlp_dim=1024,  # hidden width of the mlp/conv conditioners
+          conv_kernel=3,  # conv: depthwise kernel over the visual token grid
+          gate='none',  # 'tanh': deltas scaled by tanh(alpha), alpha initialised to 0
+          delta_clip=0.0,  # > 0: deltas soft-clipped to (-delta_clip, delta_clip)
+      ),
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """A whole run config with model defaults; configs/*.py start from this."""
+  return ml_collections.ConfigDict(dict(
+      model=base_model_config(),
+      mesh=dict(
+          data=1,
+          fsdp=-1,  # -1: all remaining devices
+          tensor=1,
+          rules='fsdp',  # one of lavi_jax.sharding.RULE_PRESETS
+          num_slices=1,  # > 1: multi-slice pod, 'data' spans slices (DCN)
+          num_devices=0,  # dry run only: report per-device bytes for this many devices
+      ),
+      checkpoint=dict(keep=3, keep_every=0),
+      seed=0,
+      dry_run=False,
+  ))
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Runs `get_config(arg)` of a config file given by path."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f'config file {path} does not exist')
+  spec = importlib.util.spec_from_file_location(f'lavi_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def head_dim(llm: ml_collections.ConfigDict) -> int:
+  return llm.head_dim or llm.hidden_size // llm.num_heads
+
+
+def ctx_dim(model: ml_collections.ConfigDict) -> int:
+  """Width of the projected visual tokens V."""
+  return model.llm.hidden_size if model.fusion == 'concat' else model.projector.ctx_dim
+
+
+def modulated_layers(model: ml_collections.ConfigDict) -> tuple[bool, ...]:
+  """Per LLM layer: whether its attn/mlp norms are ViLN-modulated."""
+  n = model.llm.num_layers
+  if model.fusion != 'viln':
+    return (False,) * n
+  chosen = set(model.viln.layers) if model.viln.layers else set(range(0, n, model.viln.every))
+  return tuple(i in chosen for i in range(n))
+
+
+def num_visual_tokens_per_frame(vision: ml_collections.ConfigDict, video: bool) -> int:
+  side = vision.image_size // vision.patch_size
+  if video and vision.video_pool > 1:
+    side = -(-side // vision.video_pool)
+  return side * side
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str):
+  if not ok:
+    raise ConfigError(f'config.{key}: {message}')
+
+
+def validate_model(model: ml_collections.ConfigDict):
+  """Checks a model config; raises ConfigError naming the bad key."""
+  llm, vision, viln = model.llm, model.vision, model.viln
+  _check(model.fusion in FUSIONS, 'model.fusion', f'{model.fusion!r} is not one of {FUSIONS}')
+  _check(llm.arch in LLM_ARCHS, 'model.llm.arch', f'{llm.arch!r} is not one of {LLM_ARCHS}')
+  _check(model.dtype in DTYPES, 'model.dtype', f'{model.dtype!r} is not one of {DTYPES}')
+  _check(model.param_dtype in DTYPES, 'model.param_dtype',
+         f'{model.param_dtype!r} is not one of {DTYPES}')
+  _check(model.remat in REMAT_POLICIES, 'model.remat',
+         f'{model.remat!r} is not one of {REMAT_POLICIES}')
+  for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+              'num_kv_heads'):
+    _check(llm[key] > 0, f'model.llm.{key}', f'must be positive, got {llm[key]}')
+  _check(llm.num_heads % llm.num_kv_heads == 0, 'model.llm.num_heads',
+         f'{llm.num_heads} heads are not divisible by num_kv_heads={llm.num_kv_heads}')
+  if not llm.head_dim:
+    _check(llm.hidden_size % llm.num_heads == 0, 'model.llm.hidden_size',
+           f'{llm.hidden_size} is not divisible by num_heads={llm.num_heads} '
+           '(or set model.llm.head_dim)')
+  _check(head_dim(llm) % 2 == 0, 'model.llm.head_dim', 'RoPE needs an even head_dim')
+  _check(vision.hidden_size % vision.num_heads == 0, 'model.vision.hidden_size',
+         f'{vision.hidden_size} is not divisible by num_heads={vision.num_heads}')
+  _check(vision.image_size % vision.patch_size == 0, 'model.vision.image_size',
+         f'{vision.image_size} is not a multiple of patch_size={vision.patch_size}')
+  _check(len(vision.feature_layers) > 0, 'model.vision.feature_layers', 'must not be empty')
+  for f in vision.feature_layers:
+    _check(-(vision.num_layers + 1) <= f <= vision.num_layers, 'model.vision.feature_layers',
+           f'{f} is out of range for {vision.num_layers} layers')
+  _check(vision.video_pool >= 1, 'model.vision.video_pool', 'must be >= 1')
+  _check(model.projector.max_frames > 0, 'model.projector.max_frames', 'must be positive')
+  _check(model.image_token_id != model.video_token_id, 'model.video_token_id',
+         'must differ from image_token_id')
+  if model.fusion != 'viln':
+    return
+  _check(viln.conditioner in CONDITIONERS, 'model.viln.conditioner',
+         f'{viln.conditioner!r} is not one of {CONDITIONERS}')
+  unknown = [s for s in viln.sublayers if s not in SUBLAYERS]
+  _check(not unknown, 'model.viln.sublayers', f'unknown names {unknown}; choose from {SUBLAYERS}')
+  _check(len(viln.sublayers) > 0, 'model.viln.sublayers', 'must name at least one sublayer')
+  _check(viln.every >= 1, 'model.viln.every', 'must be >= 1')
+  bad = [i for i in viln.layers if not 0 <= i < llm.num_layers]
+  _check(not bad, 'model.viln.layers', f'{bad} out of range for {llm.num_layers} layers')
+  _check(1 <= viln.kv_groups <= llm.num_layers, 'model.viln.kv_groups',
+         f'must be in [1, {llm.num_layers}], got {viln.kv_groups}')
+  _check(viln.gate in GATES, 'model.viln.gate', f'{viln.gate!r} is not one of {GATES}')
+  _check(viln.delta_clip >= 0, 'model.viln.delta_clip', 'must be >= 0')
+  _check(viln.heads > 0 and viln.head_dim > 0, 'model.viln.heads', 'heads and head_dim > 0')
+  _check(viln.conv_kernel % 2 == 1, 'model.viln.conv_kernel', 'must be odd')
+  _check(model.projector.ctx_dim > 0, 'model.projector.ctx_dim', 'must be positive')
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
+  """Checks a whole run config (model, and mesh against `num_devices` when given)."""
+  validate_model(config.model)
+  from lavi_jax import sharding  # local: sharding imports jax
+  sharding.resolve_mesh_shape(config.mesh, num_devices)

@@ -1,0 +1,191 @@
+"""LaVi: ViT -> projector -> visual tokens V that modulate the LLM's norms (or, for
+`fusion='concat'`, replace each placeholder in the text as in LLaVA).
+
+Shapes: B batch, T text length, F crops/frames, S image side, P tokens per crop/frame,
+N visual tokens (all crops/frames of all items), C = d_ctx, V vocabulary.
+
+Visual input per kind (`images=`, `videos=`), each a dict:
+  pixel_values (B, F, S, S, 3) in [-1, 1]; frame_mask (B, F) bool (default: all valid);
+  frame_item (B, F) int: the item (0-based, in the order of the placeholders in the text)
+  each crop/frame belongs to (default: all item 0).
+The text has one `image_token_id` / `video_token_id` placeholder per item; text token t sees
+only the items whose placeholder is at or before t.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lavi_jax import config as lavi_config
+from lavi_jax.models.llm import LLM, causal_mask
+from lavi_jax.models.projector import FrameIndexEmbedding, Projector
+from lavi_jax.models.vit import ViT
+from lavi_jax.models.viln import ViLNContext
+
+VisualInput = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class VisualTokens:
+  """tokens (B, N, C); mask, item (B, N); segments: static ((F, h, w), ...) making up N."""
+  tokens: jax.Array
+  mask: jax.Array
+  item: jax.Array
+  segments: tuple[tuple[int, int, int], ...] = flax.struct.field(pytree_node=False)
+
+
+def is_placeholder(input_ids: jax.Array, model: ml_collections.ConfigDict) -> jax.Array:
+  """input_ids (B, T) -> (B, T) bool: the token is an image or video placeholder."""
+  return (input_ids == model.image_token_id) | (input_ids == model.video_token_id)
+
+
+def count_items_so_far(input_ids: jax.Array, model: ml_collections.ConfigDict) -> jax.Array:
+  """input_ids (B, T) -> (B, T): placeholders at or before each position."""
+  return jnp.cumsum(is_placeholder(input_ids, model), axis=1, dtype=jnp.int32)
+
+
+def pool_grid(tokens: jax.Array, stride: int) -> jax.Array:
+  """(M, g*g, D) -> (M, ceil(g/stride)^2, D) by bilinear resizing of the token grid."""
+  m, p, d = tokens.shape
+  g = int(round(p ** 0.5))
+  out = -(-g // stride)
+  grid = tokens.reshape(m, g, g, d)
+  pooled = jax.image.resize(grid, (m, out, out, d), method='bilinear', antialias=False)
+  return pooled.reshape(m, out * out, d)
+
+
+def concat_layout(input_ids, text_mask, visual: VisualTokens, model: ml_collections.ConfigDict):
+  """Where each text and visual token goes when placeholders are replaced by their items.
+
+  Returns (text_dest (B, T), visual_dest (B, N), out_pos (B, T), length L = T + N): positions in
+  the merged sequence (L for dropped entries: the placeholders themselves, padding visual tokens
+  and items without a placeholder), and for each text position the merged position whose logits
+  predict the next text token (a placeholder's is its item's last visual token).
+  """
+  b, t = input_ids.shape
+  n = visual.mask.shape[1]
+  length = t + n
+  items_so_far = count_items_so_far(input_ids, model)
+  placeholder = is_placeholder(input_ids, model)
+  item_of_token = items_so_far - 1
+  tokens_in_item = jnp.sum(visual.mask[:, None, :] & (visual.item[:, None, :] ==
+                                                      item_of_token[:, :, None]), axis=-1)
+  width = jnp.where(placeholder, tokens_in_item, 1)
+  end = jnp.cumsum(width, axis=1)
+  start = end - width
+  text_dest = jnp.where(placeholder, length, start)
+  # Rank of each valid visual token within its item (stable: keeps the given order).
+  keys = jnp.where(visual.mask, visual.item, jnp.iinfo(jnp.int32).max)
+  order = jnp.argsort(keys, axis=1, stable=True)
+  sorted_keys = jnp.take_along_axis(keys, order, axis=1)
+  first = jax.vmap(lambda k: jnp.searchsorted(k, k, side='left'))(sorted_keys)
+  rank = jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(jnp.arange(n) - first)
+  placeholder_pos = jax.vmap(lambda c, k: jnp.searchsorted(c, k + 1, side='left'))(
+      items_so_far, visual.item)  # (B, N); T when the item has no placeholder
+  has_place = visual.mask & (placeholder_pos < t)
+  item_start = jnp.take_along_axis(start, jnp.minimum(placeholder_pos, t - 1), axis=1)
+  visual_dest = jnp.where(has_place, item_start + rank, length)
+  return text_dest, visual_dest, end - 1, length
+
+
+class LaVi(nn.Module):
+  """The LaVi model. `LaVi(config.model)(input_ids, text_mask, images=..., videos=...)`."""
+  config: Any  # model config (ml_collections.ConfigDict)
+
+  def setup(self):
+    cfg = ml_collections.FrozenConfigDict(self.config)
+    self.cfg = cfg
+    self.vit = ViT(cfg)
+    self.projector = Projector(cfg)
+    self.frame_index = FrameIndexEmbedding(cfg)
+    self.llm = LLM(cfg)
+    if cfg.fusion == 'viln':
+      self.viln_context = ViLNContext(cfg)
+
+  def encode_kind(self, visual: VisualInput, video: bool):
+    """One kind of visual input -> (tokens (B, F*P, C), mask, item (B, F*P), (F, h, w))."""
+    pixels = visual['pixel_values']
+    b, f = pixels.shape[:2]
+    frame_mask = visual.get('frame_mask', jnp.ones((b, f), bool))
+    frame_item = visual.get('frame_item', jnp.zeros((b, f), jnp.int32))
+    features = self.vit(pixels.reshape((b * f,) + pixels.shape[2:]))
+    if video and self.cfg.vision.video_pool > 1:
+      features = pool_grid(features, self.cfg.vision.video_pool)
+    tokens = self.projector(features)
+    p = tokens.shape[1]
+    tokens = self.frame_index(tokens.reshape(b, f, p, -1), frame_item)
+    side = int(round(p ** 0.5))
+    return (tokens.reshape(b, f * p, -1), jnp.repeat(frame_mask, p, axis=1),
+            jnp.repeat(frame_item, p, axis=1), (f, side, side))
+
+  def encode_visual(self, images: VisualInput | None = None,
+                    videos: VisualInput | None = None) -> VisualTokens | None:
+    """Images and/or videos -> VisualTokens (images first, then videos)."""
+    parts = [self.encode_kind(v, video) for v, video in ((images, False), (videos, True))
+             if v is not None]
+    if not parts:
+      return None
+    tokens, mask, item, segments = zip(*parts)
+    return VisualTokens(jnp.concatenate(tokens, 1), jnp.concatenate(mask, 1),
+                        jnp.concatenate(item, 1), tuple(segments))
+
+  def conditioning(self, visual: VisualTokens | None, token_items: jax.Array):
+    """What the ViLN layers read, for text tokens that have seen `token_items` items (B, T)."""
+    if visual is None:
+      return None
+    return self.viln_context(visual.tokens, visual.mask, visual.item, token_items,
+                             visual.segments)
+
+  def __call__(self, input_ids, text_mask=None, images: VisualInput | None = None,
+               videos: VisualInput | None = None) -> jax.Array:
+    """input_ids (B, T), text_mask (B, T) bool (right padding) -> logits (B, T, V) float32.
+
+    Logits at t predict token t + 1 of the text (for concat, placeholders excluded).
+    """
+    b, t = input_ids.shape
+    text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
+    visual = self.encode_visual(images, videos)
+    if self.cfg.fusion == 'concat' and visual is not None:
+      return self._concat_forward(input_ids, text_mask, visual)
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    cond = None
+    if self.cfg.fusion == 'viln':
+      cond = self.conditioning(visual, count_items_so_far(input_ids, self.cfg))
+    return self.llm(input_ids, positions, causal_mask(text_mask), cond)
+
+  def _concat_forward(self, input_ids, text_mask, visual: VisualTokens):
+    b, t = input_ids.shape
+    text_dest, visual_dest, out_pos, length = concat_layout(input_ids, text_mask, visual,
+                                                            self.cfg)
+    rows = jnp.arange(b)[:, None]
+    embeds = self.llm.embed(input_ids)
+    merged = jnp.zeros((b, length, embeds.shape[-1]), embeds.dtype)
+    merged = merged.at[rows, text_dest].set(embeds, mode='drop')
+    merged = merged.at[rows, visual_dest].set(visual.tokens.astype(embeds.dtype), mode='drop')
+    valid = jnp.zeros((b, length), bool)
+    valid = valid.at[rows, text_dest].set(text_mask, mode='drop')
+    valid = valid.at[rows, visual_dest].set(True, mode='drop')
+    positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+    hidden = self.llm.hidden_states(merged, positions, causal_mask(valid))
+    hidden = jnp.take_along_axis(hidden, out_pos[:, :, None], axis=1)
+    return self.llm.logits(hidden)
+
+
+def dummy_inputs(model: ml_collections.ConfigDict, batch: int = 1, text_len: int = 8,
+                 frames: int = 1) -> dict[str, Any]:
+  """Smallest inputs that touch every parameter (for init and eval_shape)."""
+  side = model.vision.image_size
+  ids = jnp.zeros((batch, text_len), jnp.int32).at[:, 0].set(model.image_token_id)
+  pixels = jnp.zeros((batch, frames, side, side, 3), jnp.float32)
+  return dict(input_ids=ids, images=dict(pixel_values=pixels))
+
+
+def init_params(model: ml_collections.ConfigDict, rng: jax.Array):
+  """Boxed (logically partitioned) parameters of LaVi(model); use under jit / eval_shape."""
+  return LaVi(model).init(rng, **dummy_inputs(model))['params']

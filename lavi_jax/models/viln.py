@@ -1,0 +1,172 @@
+"""Vision-Infused Layer Normalization (ViLN) and its conditioners.
+
+    x_i = h_i / rms(h_i);  [dg_i; db_i] = C_l(x_i, V);  ViLN(h_i, V) = (g + dg_i) * x_i + db_i
+
+Shapes: B batch, T text length, N visual tokens, D LLM width, C visual width (d_ctx),
+G conditioner groups (`kv_groups`), Hc / Dc conditioner heads / head width.
+
+`ViLNContext` runs once per forward pass, outside the layer loop: it computes what the
+conditioners read from the visual tokens, per group (the attention conditioner's keys and values,
+or the mlp/conv conditioners' per-token visual summaries), plus the `allowed` mask that lets text
+token i see only the visual items whose placeholder is at or before i. Each modulated norm then
+owns a small conditioner (query/first projection and a zero-initialised last projection).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lavi_jax.models.layers import Dense, LayerNorm, attention, dtype_of, partitioned, rms_normalize
+
+Conditioning = dict[str, Any]  # {'allowed' (B,T,N), 'has_visual' (B,T), 'k','v' | 'summary'}
+
+
+def allowed_mask(token_items: jax.Array, visual_mask: jax.Array, visual_item: jax.Array):
+  """(B, T, N) bool: text token t may see visual token n.
+
+  token_items: (B, T) number of visual items whose placeholder is at or before t;
+  visual_mask, visual_item: (B, N) validity and item index of each visual token.
+  """
+  return visual_mask[:, None, :] & (visual_item[:, None, :] < token_items[:, :, None])
+
+
+def masked_mean(allowed: jax.Array, tokens: jax.Array) -> jax.Array:
+  """allowed (B, T, N), tokens (B, N, C) -> (B, T, C) mean over the allowed tokens (0 if none)."""
+  weights = allowed.astype(tokens.dtype)
+  total = jnp.einsum('btn,bnc->btc', weights, tokens)
+  count = jnp.maximum(weights.sum(-1, keepdims=True), 1)
+  return total / count
+
+
+class ConvMixer(nn.Module):
+  """ConvMixer block over each frame's token grid: depthwise conv, then pointwise.
+
+  tokens (B, N, C) with `segments` = ((F, h, w), ...) laying out N -> (B, N, C).
+  """
+  config: ml_collections.FrozenConfigDict
+  segments: tuple[tuple[int, int, int], ...]
+
+  @nn.compact
+  def __call__(self, tokens):
+    cfg, c = self.config, tokens.shape[-1]
+    k = cfg.viln.conv_kernel
+    dtype, param_dtype = tokens.dtype, dtype_of(cfg.param_dtype)
+    kernel = self.param('depthwise_kernel',
+                        partitioned(nn.initializers.lecun_normal(), ('conv', 'conv', 'ctx_embed')),
+                        (k, k, c), param_dtype)
+    bias = self.param('depthwise_bias', partitioned(nn.initializers.zeros, ('ctx_embed',)), (c,),
+                      param_dtype)
+    norm1 = LayerNorm(1e-6, 'ctx_embed', dtype, param_dtype, name='norm1')
+    pieces, start = [], 0
+    for f, h, w in self.segments:
+      b = tokens.shape[0]
+      grid = tokens[:, start:start + f * h * w].reshape(b * f, h, w, c)
+      conv = jax.lax.conv_general_dilated(
+          grid, kernel.astype(dtype)[:, :, None, :], (1, 1), 'SAME',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
+      grid = grid + norm1(nn.gelu(conv + bias.astype(dtype)))
+      pieces.append(grid.reshape(b, f * h * w, c))
+      start += f * h * w
+    x = jnp.concatenate(pieces, axis=1)
+    x = Dense(c, ('ctx_embed', 'cond_mlp'), dtype=dtype, param_dtype=param_dtype,
+              name='pointwise')(x)
+    return LayerNorm(1e-6, 'ctx_embed', dtype, param_dtype, name='norm2')(nn.gelu(x))
+
+
+class ViLNContext(nn.Module):
+  """Visual tokens -> the per-group conditioning every ViLN reads (see module docstring)."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, tokens, visual_mask, visual_item, token_items, segments) -> Conditioning:
+    """tokens (B, N, C), visual_mask/visual_item (B, N), token_items (B, T).
+
+    segments: ((F, h, w), ...) the token grids that make up N (used by the conv conditioner).
+    """
+    cfg = self.config.viln
+    dtype, param_dtype = dtype_of(self.config.dtype), dtype_of(self.config.param_dtype)
+    tokens = tokens.astype(dtype)
+    allowed = allowed_mask(token_items, visual_mask, visual_item)
+    out = {'allowed': allowed, 'has_visual': allowed.any(-1)}
+    groups = cfg.kv_groups
+    if cfg.conditioner == 'attention':
+      for name in ('k', 'v'):
+        kv = Dense((groups, cfg.heads, cfg.head_dim),
+                   ('ctx_embed', 'layers', 'cond_heads', 'cond_dim'), dtype=dtype,
+                   param_dtype=param_dtype, name=f'{name}_proj')(tokens)
+        out[name] = kv.transpose(2, 0, 1, 3, 4)  # (G, B, N, Hc, Dc)
+    elif cfg.conditioner == 'mlp':
+      out['summary'] = masked_mean(allowed, tokens)[None]  # (1, B, T, C)
+    else:  # conv: one ConvMixer per group
+      mixers = nn.vmap(ConvMixer, variable_axes={'params': 0}, split_rngs={'params': True},
+                       in_axes=None, out_axes=0, axis_size=groups,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      mixed = mixers(self.config, segments, name='conv_mixer')(tokens)  # (G, B, N, C)
+      out['summary'] = jax.vmap(masked_mean, in_axes=(None, 0))(allowed, mixed)
+    return out
+
+
+def group_of_layer(layer: int, num_layers: int, kv_groups: int) -> int:
+  """Conditioner group of an LLM layer: contiguous blocks of layers share a group."""
+  return layer * kv_groups // num_layers
+
+
+class Conditioner(nn.Module):
+  """x (B, T, D) normalised text, cond, group index -> (dg, db), each (B, T, D)."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x, cond: Conditioning, group):
+    cfg = self.config.viln
+    d = x.shape[-1]
+    kw = dict(dtype=x.dtype, param_dtype=dtype_of(self.config.param_dtype))
+    # With a tanh gate the gate is the zero at step 0; a zero last projection too would never
+    # receive a gradient, so it then starts random.
+    zero_last = cfg.gate != 'tanh'
+    if cfg.conditioner == 'attention':
+      q = Dense((cfg.heads, cfg.head_dim), ('embed', 'cond_heads', 'cond_dim'), use_bias=False,
+                name='q_proj', **kw)(x)
+      k, v = (jnp.take(cond[name], group, axis=0) for name in ('k', 'v'))
+      a = attention(q, k, v, cond['allowed'])
+      delta = Dense((2, d), ('cond_heads', 'cond_dim', None, 'embed'), in_axes_count=2,
+                    zero_init=zero_last, name='o_proj', **kw)(a)
+    else:
+      summary = jnp.take(cond['summary'], jnp.minimum(group, cond['summary'].shape[0] - 1),
+                         axis=0)
+      hidden = Dense(cfg.mlp_dim, ('embed', 'cond_mlp'), name='fc1', **kw)(
+          jnp.concatenate([x, summary.astype(x.dtype)], axis=-1))
+      delta = Dense((2, d), ('cond_mlp', None, 'embed'), zero_init=zero_last, name='fc2',
+                    **kw)(nn.gelu(hidden))
+    delta = delta.astype(jnp.float32)
+    if cfg.gate == 'tanh':
+      alpha = self.param('gate', partitioned(nn.initializers.zeros, ()), (), jnp.float32)
+      delta = delta * jnp.tanh(alpha)
+    if cfg.delta_clip > 0:
+      delta = cfg.delta_clip * jnp.tanh(delta / cfg.delta_clip)
+    delta = delta * cond['has_visual'][..., None, None]
+    return delta[..., 0, :], delta[..., 1, :]
+
+
+class ViLN(nn.Module):
+  """RMSNorm whose scale and shift are modulated per token by a conditioner.
+
+  h (B, T, D) -> (B, T, D). Unmodulated (or with cond=None) it is exactly the HF RMSNorm.
+  """
+  config: ml_collections.FrozenConfigDict
+  modulated: bool
+
+  @nn.compact
+  def __call__(self, h, cond: Conditioning | None, group=0):
+    d = h.shape[-1]
+    scale = self.param('scale', partitioned(nn.initializers.ones, ('norm',)), (d,),
+                       dtype_of(self.config.param_dtype))
+    x = rms_normalize(h, self.config.llm.rms_norm_eps)
+    if not self.modulated or cond is None:
+      return scale.astype(h.dtype) * x.astype(h.dtype)
+    dg, db = Conditioner(self.config, name='conditioner')(x.astype(h.dtype), cond, group)
+    return ((scale.astype(jnp.float32) + dg) * x + db).astype(h.dtype)

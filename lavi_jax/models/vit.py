@@ -1,0 +1,100 @@
+"""SigLIP-style vision transformer returning the hidden states of chosen layers.
+
+Shapes: M images (crops/frames flattened), P patches per image, D width, H heads.
+Parameter names mirror Hugging Face `SiglipVisionModel` (`patch_embedding`,
+`position_embedding`, `layers_i/{layer_norm1, self_attn, layer_norm2, mlp}`, `post_layernorm`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lavi_jax.models.layers import (Dense, LayerNorm, attention, constrain, dtype_of, partitioned,
+                                   remat)
+
+
+def resolve_feature_layers(vision: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Feature layers as indices into (embeddings, layer 1, ..., layer L)."""
+  n = vision.num_layers + 1
+  return tuple(f % n for f in vision.feature_layers)
+
+
+class SiglipAttention(nn.Module):
+  config: ml_collections.FrozenConfigDict  # the model config
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config.vision
+    heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    kw = dict(dtype=x.dtype, param_dtype=dtype_of(self.config.param_dtype))
+    q, k, v = (Dense((heads, head_dim), ('vis_embed', 'vis_heads', 'head_dim'), name=n, **kw)(x)
+               for n in ('q_proj', 'k_proj', 'v_proj'))
+    out = attention(q, k, v, mask=None)
+    return Dense(cfg.hidden_size, ('vis_heads', 'head_dim', 'vis_embed'), in_axes_count=2,
+                 name='out_proj', **kw)(out)
+
+
+class SiglipMLP(nn.Module):
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config.vision
+    kw = dict(dtype=x.dtype, param_dtype=dtype_of(self.config.param_dtype))
+    x = Dense(cfg.intermediate_size, ('vis_embed', 'vis_mlp'), name='fc1', **kw)(x)
+    x = constrain(nn.gelu(x, approximate=True), ('batch', 'length', 'vis_mlp'))
+    return Dense(cfg.hidden_size, ('vis_mlp', 'vis_embed'), name='fc2', **kw)(x)
+
+
+class SiglipLayer(nn.Module):
+  """Pre-LN transformer block: x + attn(LN1(x)), then + mlp(LN2(x))."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x):
+    norm = lambda name: LayerNorm(self.config.vision.layer_norm_eps, 'vis_embed', x.dtype,
+                                  dtype_of(self.config.param_dtype), name=name)
+    x = x + SiglipAttention(self.config, name='self_attn')(norm('layer_norm1')(x))
+    x = x + SiglipMLP(self.config, name='mlp')(norm('layer_norm2')(x))
+    return constrain(x, ('batch', 'length', 'vis_embed'))
+
+
+class ViT(nn.Module):
+  """pixel_values (M, S, S, 3) in [-1, 1] -> features (M, P, D * len(feature_layers)).
+
+  Only the layers up to the deepest feature layer run; the rest (and `post_layernorm`) exist so
+  that a full SigLIP checkpoint loads and exports unchanged.
+  """
+  config: ml_collections.FrozenConfigDict  # the model config
+
+  @nn.compact
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    cfg = self.config.vision
+    dtype, param_dtype = dtype_of(self.config.dtype), dtype_of(self.config.param_dtype)
+    p = cfg.patch_size
+    m, s = pixel_values.shape[0], pixel_values.shape[1]
+    g = s // p
+    patches = pixel_values.astype(dtype).reshape(m, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(m, g * g, p, p, 3)
+    x = Dense(cfg.hidden_size, ('conv', 'conv', None, 'vis_embed'), in_axes_count=3,
+              dtype=dtype, param_dtype=param_dtype, name='patch_embedding')(patches)
+    pos = self.param('position_embedding',
+                     partitioned(nn.initializers.normal(0.02), ('vis_tokens', 'vis_embed')),
+                     (g * g, cfg.hidden_size), param_dtype)
+    x = constrain(x + pos.astype(dtype), ('batch', 'length', 'vis_embed'))
+    feature_layers = resolve_feature_layers(cfg)
+    deepest = max(feature_layers)
+    layer_cls = remat(SiglipLayer, self.config.remat)
+    hidden = [x]
+    for i in range(cfg.num_layers):
+      if i < deepest:
+        x = layer_cls(self.config, name=f'layers_{i}')(x)
+        hidden.append(x)
+      elif self.is_initializing():  # create unused parameters without changing the output
+        layer_cls(self.config, name=f'layers_{i}')(x)
+    if self.is_initializing():
+      LayerNorm(cfg.layer_norm_eps, 'vis_embed', dtype, param_dtype, name='post_layernorm')(x)
+    return jnp.concatenate([hidden[f] for f in feature_layers], axis=-1)
