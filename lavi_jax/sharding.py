@@ -24,7 +24,7 @@ BATCH = ('data', 'fsdp')
 
 _REPLICATED = [
     ('length', None), ('layers', None), ('norm', None), ('head_dim', None),
-    ('cond_dim', None), ('frames', None), ('vis_tokens', None), ('conv', None),
+    ('cond_dim', None), ('frames', None), ('vis_tokens', None),
 ]
 _FSDP = [('embed', 'fsdp'), ('vis_embed', 'fsdp'), ('ctx_embed', 'fsdp')]
 _TENSOR = [(name, 'tensor') for name in (
@@ -98,7 +98,7 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, axis_rules, *args):
 
   `init_fn` returns a tree of `nn.LogicallyPartitioned` leaves; the result is unboxed.
   """
-  with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(axis_rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     abstract = jax.eval_shape(init_fn, *args)
     shardings = nn.unbox(logical_shardings(abstract, mesh, axis_rules))
     params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)

@@ -57,7 +57,7 @@ class ConvMixer(nn.Module):
     k = cfg.viln.conv_kernel
     dtype, param_dtype = tokens.dtype, dtype_of(cfg.param_dtype)
     kernel = self.param('depthwise_kernel',
-                        partitioned(nn.initializers.lecun_normal(), ('conv', 'conv', 'ctx_embed')),
+                        partitioned(nn.initializers.lecun_normal(), (None, None, 'ctx_embed')),
                         (k, k, c), param_dtype)
     bias = self.param('depthwise_bias', partitioned(nn.initializers.zeros, ('ctx_embed',)), (c,),
                       param_dtype)

@@ -76,10 +76,11 @@ class ViT(nn.Module):
     dtype, param_dtype = dtype_of(self.config.dtype), dtype_of(self.config.param_dtype)
     p = cfg.patch_size
     m, s = pixel_values.shape[0], pixel_values.shape[1]
-    g = s // p
+    g = s // p  # like a VALID conv, a remainder of the image beyond g*p pixels is unused
+    pixel_values = pixel_values[:, :g * p, :g * p]
     patches = pixel_values.astype(dtype).reshape(m, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(m, g * g, p, p, 3)
-    x = Dense(cfg.hidden_size, ('conv', 'conv', None, 'vis_embed'), in_axes_count=3,
+    x = Dense(cfg.hidden_size, (None, None, None, 'vis_embed'), in_axes_count=3,
               dtype=dtype, param_dtype=param_dtype, name='patch_embedding')(patches)
     pos = self.param('position_embedding',
                      partitioned(nn.initializers.normal(0.02), ('vis_tokens', 'vis_embed')),

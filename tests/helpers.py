@@ -1,0 +1,39 @@
+"""Small shared helpers for the tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lavi_jax import config as lavi_config
+
+
+def tiny_config(**model_overrides):
+  """configs/tiny.py in float32, with model overrides given as dotted keys ('viln.every': 2)."""
+  config = lavi_config.load_config_file('configs/tiny.py')
+  config.model.dtype = 'float32'
+  for key, value in model_overrides.items():
+    node = config.model
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def random_images(model, batch, frames, seed):
+  side = model.vision.image_size
+  return dict(pixel_values=jax.random.uniform(jax.random.key(seed), (batch, frames, side, side, 3),
+                                              minval=-1, maxval=1))
+
+
+def perturb(params, names=('o_proj', 'fc2'), under='conditioner', seed=0, scale=0.5):
+  """Random values for the kernels named `names` inside any `under` subtree."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  rng = np.random.default_rng(seed)
+  new = []
+  for path, leaf in leaves:
+    keys = [str(getattr(k, 'key', k)) for k in path]
+    if under in keys and any(n in keys for n in names):
+      leaf = jnp.asarray(rng.normal(0, scale, leaf.shape), leaf.dtype)
+    new.append(leaf)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), new)
