@@ -9,6 +9,7 @@ preset maps them to mesh axes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -85,6 +86,13 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   else:
     device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, mesh_config: ml_collections.ConfigDict):
+  """Context in which jitted model code sees the mesh and the logical-axis rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules(mesh_config)):
+    yield
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, axis_rules):
