@@ -1,0 +1,137 @@
+"""Hugging Face checkpoints -> a LaVi Orbax checkpoint.
+
+    python -m lavi_jax.convert.from_hf --llm DIR --vision DIR --config configs/7b.py --out DIR
+    python -m lavi_jax.convert.from_hf --llava DIR --config configs/7b.py --out DIR
+
+The LLM / vision shapes (and, for --llava, the feature layers and placeholder ids) come from the
+HF configs and override the config file's; everything else (fusion, ViLN, projector width, ...)
+is the config file's. Parameters not in the HF checkpoints (ViLN conditioners, zero-initialised
+where the model says so; the projector unless --llava with fusion='concat') are initialised as
+`LaVi.init` does. Writes `{out}/params` (Orbax StandardCheckpointer) and
+`{out}/model_config.json`; `load_converted(out)` reads them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lavi_jax import config as lavi_config
+from lavi_jax.convert import hf
+from lavi_jax.models.lavi import init_params
+
+
+def import_hf(model: ml_collections.ConfigDict, llm: str | None = None, vision: str | None = None,
+              llava: str | None = None) -> tuple[ml_collections.ConfigDict, hf.Params]:
+  """(model config updated from the HF configs, imported params, cast to `model.param_dtype`)."""
+  dtype = jnp.dtype(model.param_dtype)
+  if llava:
+    model, imported = hf.load_hf_llava(llava, model, dtype, fusion=model.fusion)
+  else:
+    model, llm_params = hf.load_hf_llm(llm, model, dtype)
+    model, vit_params = hf.load_hf_vision(vision, model, dtype)
+    imported = {'llm': llm_params, 'vit': vit_params}
+  lavi_config.validate_model(model)
+  return model, imported
+
+
+def _to_device(tree: dict):
+  """Numpy leaves -> jax arrays, in place and one at a time (each host copy is freed as it goes
+  when nothing else holds it)."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      _to_device(value)
+    else:
+      tree[key] = jax.device_put(value)
+
+
+def save_converted(out_dir: str | pathlib.Path, model: ml_collections.ConfigDict, params):
+  """Writes `{out_dir}/model_config.json` and the Orbax checkpoint `{out_dir}/params`.
+
+  The leaves of `params` become jax arrays (in place), so that the checkpoint restores with any
+  sharding.
+  """
+  out = pathlib.Path(out_dir).absolute()
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'model_config.json').write_text(model.to_json(indent=2))
+  _to_device(params)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(out / 'params', params)
+  checkpointer.wait_until_finished()
+
+
+def _tuples(value):
+  """JSON lists -> tuples (as the config's sequence fields are)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load_converted(out_dir: str | pathlib.Path,
+                   abstract_params=None) -> tuple[ml_collections.ConfigDict, hf.Params]:
+  """Reads what `save_converted` wrote: (model config, params as jax arrays).
+
+  `abstract_params`: ShapeDtypeStructs with shardings to restore onto (default: the stored
+  model's shapes on the default device).
+  """
+  out = pathlib.Path(out_dir).absolute()
+  if not (out / 'model_config.json').is_file():
+    raise FileNotFoundError(f'{out} has no model_config.json: not a convert.from_hf output')
+  model = ml_collections.ConfigDict(_tuples(json.loads((out / 'model_config.json').read_text())))
+  if abstract_params is None:
+    abstract_params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
+  params = ocp.StandardCheckpointer().restore(out / 'params', abstract_params)
+  return model, params
+
+
+def load_config_file_model(path: str) -> ml_collections.ConfigDict:
+  """The `model` section of a config file (`file.py` or `file.py:arg`)."""
+  file, _, arg = path.partition(':')
+  return lavi_config.load_config_file(file, arg or None).model
+
+
+def convert(config_path: str, out_dir: str, llm: str | None = None, vision: str | None = None,
+            llava: str | None = None, seed: int = 0):
+  """Imports the HF checkpoints, initialises the rest of LaVi and saves; returns (model, params)."""
+  model, imported = import_hf(load_config_file_model(config_path), llm, vision, llava)
+  if llava and model.fusion != 'concat':
+    print(f"fusion={model.fusion!r}: LLaVA's projector is not used, LaVi's starts fresh.")
+  taken = sum(x.size for x in jax.tree.leaves(imported))
+  params = hf.init_with_imported(model, imported, jax.random.key(seed))
+  del imported  # its arrays now live in params only
+  total = sum(x.size for x in jax.tree.leaves(params))
+  print(f'{total:,} parameters: {taken:,} imported, {total - taken:,} initialised.')
+  save_converted(out_dir, model, params)
+  print(f'Wrote {out_dir}')
+  return model, params
+
+
+def main(argv: Sequence[str] | None = None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', required=True, help='config file, e.g. configs/7b.py[:arg]')
+  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--llm', help='Qwen2ForCausalLM / LlamaForCausalLM folder')
+  parser.add_argument('--vision', help='SiglipVisionModel / SiglipModel folder')
+  parser.add_argument('--llava', help='LlavaForConditionalGeneration / '
+                      'LlavaOnevisionForConditionalGeneration folder (instead of --llm/--vision)')
+  parser.add_argument('--seed', type=int, default=0, help='seed of the fresh parameters')
+  args = parser.parse_args(argv)
+  if args.llava and (args.llm or args.vision):
+    parser.error('give either --llava or --llm and --vision')
+  if not args.llava and not (args.llm and args.vision):
+    parser.error('give --llm and --vision (or --llava)')
+  convert(args.config, args.out, args.llm, args.vision, args.llava, args.seed)
+
+
+if __name__ == '__main__':
+  main()
