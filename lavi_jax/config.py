@@ -162,8 +162,8 @@ def validate_model(model: ml_collections.ConfigDict):
   _check(head_dim(llm) % 2 == 0, 'model.llm.head_dim', 'RoPE needs an even head_dim')
   _check(vision.hidden_size % vision.num_heads == 0, 'model.vision.hidden_size',
          f'{vision.hidden_size} is not divisible by num_heads={vision.num_heads}')
-  _check(vision.image_size % vision.patch_size == 0, 'model.vision.image_size',
-         f'{vision.image_size} is not a multiple of patch_size={vision.patch_size}')
+  _check(vision.image_size >= vision.patch_size, 'model.vision.image_size',
+         f'{vision.image_size} is smaller than patch_size={vision.patch_size}')
   _check(len(vision.feature_layers) > 0, 'model.vision.feature_layers', 'must not be empty')
   for f in vision.feature_layers:
     _check(-(vision.num_layers + 1) <= f <= vision.num_layers, 'model.vision.feature_layers',
