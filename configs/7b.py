@@ -13,6 +13,7 @@ def get_config(arg=None):
       tie_word_embeddings=False)
   config.model.projector.update(ctx_dim=1024, max_frames=32)
   config.model.viln.update(heads=8, head_dim=64, mlp_dim=1024)
-  config.data = dict(max_crops=9, num_frames=32)
+  # AnyRes: the base crop + up to 9 grid crops; set data.tokenizer to the Qwen2 tokenizer.json.
+  config.data.update(max_crops=10, num_frames=32, chat_template='chatml')
   config.mesh.update(data=1, fsdp=-1, tensor=1, rules='fsdp')
   return config

@@ -77,6 +77,36 @@ def base_model_config() -> ml_collections.ConfigDict:
   ))
 
 
+# The vision-to-LLM bridge: projector, frame-index embedding and the ViLN conditioners.
+ALIGN_PARAMS = '^projector/|^frame_index/|^viln_context/|/conditioner/'
+
+
+def base_data_config() -> ml_collections.ConfigDict:
+  """Data defaults (lavi_jax/data): LLaVA-OneVision-style AnyRes images, ChatML."""
+  return ml_collections.ConfigDict(dict(
+      # Mixtures: 'KIND:ARG[@WEIGHT],...' with synthetic:SPLIT[:SIZE], llava:PATH (JSON/JSONL),
+      # tfds:NAME_OR_DIR#SPLIT (see lavi_jax/data/mixture.py).
+      train_mixture='synthetic:train',
+      eval_mixture='synthetic:test:1000',
+      seed=0,  # shuffling
+      batch_size=32,  # global, over all processes
+      max_text_len=2048,  # T; longer conversations lose whole trailing turns
+      max_crops=10,  # AnyRes crops of a single image, base crop included (1: base crop only)
+      anyres_grids=tuple((r, c) for r in range(1, 4) for c in range(1, 4)),  # (rows, cols)
+      max_images=10,  # images per record (one base crop each when more than one)
+      num_frames=0,  # frames sampled per video; 0: no video input
+      chat_template='chatml',  # 'chatml' (Qwen2) or 'vicuna_v1' (LLaMA)
+      tokenizer='',  # '' = synthetic word-level; else tokenizer.json / .model / folder
+      image_root='',  # relative LLaVA paths; '' = the annotation file's folder
+      video_root='',
+      tfds_data_dir='',  # '' = TFDS default
+      skip_bad_records=False,  # True: skip and count (batch['num_skipped']) bad records
+      num_workers=8,  # Grain worker processes; 0 = in-process
+      read_threads=4,  # threads reading records in each process
+      synthetic=dict(seed=0, image_size=64, video_frames=8, video_fraction=0.0),
+  ))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """A whole run config with model defaults; configs/*.py start from this."""
   return ml_collections.ConfigDict(dict(
@@ -89,7 +119,35 @@ def base_config() -> ml_collections.ConfigDict:
           num_slices=1,  # > 1: multi-slice pod, 'data' spans slices (DCN)
           num_devices=0,  # dry run only: report per-device bytes for this many devices
       ),
-      checkpoint=dict(keep=3, keep_every=0),
+      data=base_data_config(),
+      train=dict(
+          # Stages run in this order; each names its trainable parameters by a regex over
+          # parameter paths like 'llm/layers/layer_0/self_attn/q_proj/kernel'. Frozen
+          # parameters get no gradient and no optimizer state.
+          stage_order=('align', 'finetune'),
+          stages=dict(
+              align=dict(steps=1000, trainable=ALIGN_PARAMS, learning_rate=1e-3,
+                         warmup_steps=30, lr_scale=''),
+              finetune=dict(steps=2000, trainable=ALIGN_PARAMS + '|^llm/', learning_rate=2e-5,
+                            warmup_steps=60, lr_scale=''),
+          ),
+          b1=0.9,
+          b2=0.95,
+          eps=1e-8,
+          weight_decay=0.0,
+          clip_norm=1.0,  # global gradient-norm clipping (0: off)
+          end_lr_fraction=0.0,  # cosine decay ends at this fraction of the peak
+          accumulation_steps=1,  # micro-batches per optimizer step
+          log_every=10,
+          peak_flops_per_device=0.0,  # 0: look up the device kind (for MFU)
+      ),
+      checkpoint=dict(
+          every=500,  # steps between checkpoints (and one at the end of each stage)
+          keep=3,  # keep the last N ...
+          keep_every=0,  # ... plus every K-th step (0: none)
+          async_save=True,
+      ),
+      init_from='',  # a convert.from_hf output directory to start from
       seed=0,
       dry_run=False,
   ))
