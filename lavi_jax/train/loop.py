@@ -1,0 +1,218 @@
+"""The training loop: stages, sharded steps, metrics, checkpoints, resume, clean preemption.
+
+A run restarted with the same workdir resumes from its latest checkpoint exactly (train state
+and data iterator). SIGTERM, or a TPU preemption notice, saves a checkpoint and exits cleanly.
+A non-finite loss stops the run before anything is saved after it.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lavi_jax import config as lavi_config
+from lavi_jax import sharding
+from lavi_jax.convert import from_hf
+from lavi_jax.data import pipeline
+from lavi_jax.models import init_params
+from lavi_jax.train import checkpoint as ckpt_lib
+from lavi_jax.train import flops as flops_lib
+from lavi_jax.train import optimizer as opt_lib
+from lavi_jax.train import state as state_lib
+from lavi_jax.train import step as step_lib
+from lavi_jax.train.metrics import MetricsWriter
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss became NaN or infinite; the run stopped without saving past the last good step."""
+
+
+class _StopRequest:
+  """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and exiting.')
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def global_batch(local_batch: dict[str, Any], mesh) -> dict[str, Any]:
+  """Host-local numpy batch -> global jax.Arrays with the batch axis over (data, fsdp)."""
+  data_sharding = sharding.data_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x),
+                      local_batch)
+
+
+def _param_shardings(config: ml_collections.ConfigDict, mesh):
+  abstract = jax.eval_shape(functools.partial(init_params, config.model), jax.random.key(0))
+  return nn.unbox(sharding.logical_shardings(abstract, mesh, sharding.rules(config.mesh)))
+
+
+def _initial_params(config: ml_collections.ConfigDict, param_shardings):
+  """Parameters from `config.init_from` (a convert.from_hf output), restored sharded."""
+  abstract = nn.unbox(jax.eval_shape(functools.partial(init_params, config.model),
+                                     jax.random.key(0)))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, param_shardings)
+  stored_model, params = from_hf.load_converted(config.init_from, abstract)
+  ckpt_lib.check_model_config(stored_model, config.model, f'init_from={config.init_from}')
+  return params
+
+
+class Trainer:
+  """Owns the mesh, state, data iterator and checkpointer of one run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    lavi_config.validate(config)
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.stages = opt_lib.stages(config.train)
+    self.total_steps = self.stages[-1].end
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, config)
+    self.data = iter(pipeline.make_dataset(config, 'train', process_index=jax.process_index(),
+                                           process_count=jax.process_count()))
+    self.param_shardings = _param_shardings(config, self.mesh)
+    self.state, self.optimizer_stage = self._initial_state()
+    self.writer = MetricsWriter(workdir)
+    self._compiled: dict[int, Callable] = {}
+
+  def _initial_state(self):
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      stage = opt_lib.stage_at(self.config.train, max(latest - 1, 0)) or self.stages[-1]
+      abstract, _ = state_lib.state_shardings(self.config, stage, self.mesh,
+                                              self.param_shardings)
+      logging.info('Resuming from step %d (stage %s).', latest, stage.name)
+      return self.checkpointer.restore(latest, abstract, self.data), stage
+    params = _initial_params(self.config, self.param_shardings) if self.config.init_from else None
+    state, _ = state_lib.create(self.config, self.stages[0], self.mesh,
+                                jax.random.key(self.config.seed), params)
+    return state, self.stages[0]
+
+  def _step_fn(self, stage: opt_lib.Stage):
+    if stage.index not in self._compiled:
+      trainable, _ = opt_lib.split(self.state.params, stage.config.trainable)
+      tx = opt_lib.make_optimizer(stage, self.config.train, trainable)
+      _, shardings = state_lib.state_shardings(self.config, stage, self.mesh,
+                                               self.param_shardings)
+      replicated = NamedSharding(self.mesh, PartitionSpec())
+      self._compiled[stage.index] = jax.jit(
+          step_lib.make_train_step(self.config, stage, tx), donate_argnums=0,
+          out_shardings=(shardings, replicated))
+    return self._compiled[stage.index]
+
+  def _step_flops(self, stage: opt_lib.Stage, batch) -> float:
+    b, t = batch['input_ids'].shape
+    frames = {k: batch[k]['pixel_values'].shape[1] if k in batch else 0
+              for k in ('images', 'videos')}
+    forward = flops_lib.forward_flops(self.config.model, b, t, frames['images'],
+                                      frames['videos'])
+    vit_trained = any(k.startswith('vit/') for k in
+                      opt_lib.split(self.state.params, stage.config.trainable)[0])
+    return flops_lib.train_step_flops(forward, vit_trained)
+
+  def _save(self, step: int, force: bool = False):
+    self.checkpointer.save(step, self.state, self.data, force=force)
+
+  def run(self) -> int:
+    """Trains until the last stage ends (or SIGTERM). Returns the final step."""
+    stop = _StopRequest()
+    step = int(self.state.step)
+    progress = tqdm.tqdm(total=self.total_steps, initial=step, desc='train', unit='step',
+                         disable=jax.process_index() != 0)
+    peak = flops_lib.peak_flops_per_device(configured=self.config.train.peak_flops_per_device)
+    try:
+      while step < self.total_steps and not stop.requested:
+        stage = opt_lib.stage_at(self.config.train, step)
+        if stage.index != self.optimizer_stage.index:
+          self.state = state_lib.with_stage_optimizer(self.state, self.config, stage, self.mesh,
+                                                      self.param_shardings)
+          self.optimizer_stage = stage
+        step = self._run_stage(stage, step, stop, progress, peak)
+      if stop.requested:
+        self._save(step, force=True)
+      self.checkpointer.wait()
+    finally:
+      stop.restore()
+      progress.close()
+      self.writer.close()
+    return step
+
+  def _run_stage(self, stage, step, stop, progress, peak) -> int:
+    step_fn = self._step_fn(stage)
+    pending, window_start, step_flops = [], time.perf_counter(), None
+    devices = jax.device_count()
+    while step < stage.end:
+      batch = global_batch(next(self.data), self.mesh)
+      if step_flops is None:
+        step_flops = self._step_flops(stage, batch)
+      with sharding.activate(self.mesh, self.config.mesh):
+        self.state, metrics = step_fn(self.state, batch)
+      pending.append(metrics)
+      step += 1
+      progress.update(1)
+      end_of_stage = step == stage.end
+      save_now = (end_of_stage or step % self.config.checkpoint.every == 0 or stop.requested
+                  or self.checkpointer.reached_preemption(step))
+      if step % self.config.train.log_every == 0 or save_now:
+        fetched = jax.device_get(pending)
+        bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched)
+               if not np.isfinite(m['loss'])]
+        if bad:
+          raise NonFiniteLoss(f'loss is {fetched[bad[0] - step + len(fetched) - 1]["loss"]} at '
+                              f'step {bad[0]} (stage {stage.name}); nothing after the last '
+                              f'checkpoint was saved. Lower the learning rate or check the data.')
+        elapsed = time.perf_counter() - window_start
+        summary = _summarise(fetched, elapsed, step_flops, devices, peak)
+        summary['stage'] = stage.name
+        self.writer.write(step, summary)
+        progress.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.2f}')
+        pending, window_start = [], time.perf_counter()
+      if save_now:
+        self._save(step, force=stop.requested or end_of_stage)
+      if stop.requested:
+        break
+    return step
+
+
+def _summarise(fetched: list[dict], elapsed: float, step_flops: float, devices: int,
+               peak: float | None) -> dict[str, float]:
+  """Averages over a log window plus throughput: step time, tokens/s/device, TFLOP/s, MFU."""
+  n = len(fetched)
+  loss_tokens = sum(float(m['loss_tokens']) for m in fetched)
+  out = {
+      'loss': sum(float(m['loss']) * float(m['loss_tokens']) for m in fetched) / loss_tokens,
+      'accuracy': sum(float(m['accuracy']) * float(m['loss_tokens']) for m in fetched) /
+                  loss_tokens,
+      'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+      'learning_rate': float(fetched[-1]['learning_rate']),
+      'step_time_s': elapsed / n,
+      'tokens_per_s_per_device': sum(float(m['text_tokens']) for m in fetched) / elapsed /
+                                 devices,
+      'tflops_per_s_per_device': step_flops * n / elapsed / devices / 1e12,
+  }
+  for counter in step_lib.DATA_COUNTERS:
+    if counter in fetched[0]:
+      out[counter] = int(sum(int(m[counter]) for m in fetched))
+  if peak:
+    out['mfu'] = out['tflops_per_s_per_device'] * 1e12 / peak
+  return out
+
