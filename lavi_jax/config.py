@@ -164,6 +164,20 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def _tuples(value):
+  """JSON lists -> tuples (as the config's sequence fields are)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def from_json(data: dict) -> ml_collections.ConfigDict:
+  """A config (or section) stored as JSON (`to_json`, `to_json_best_effort`) -> ConfigDict."""
+  return ml_collections.ConfigDict(_tuples(data))
+
+
 def head_dim(llm: ml_collections.ConfigDict) -> int:
   return llm.head_dim or llm.hidden_size // llm.num_heads
 

@@ -1,10 +1,12 @@
 """Small shared helpers for the tests."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lavi_jax import config as lavi_config
+from lavi_jax.models import init_params
 
 
 def tiny_config(**model_overrides):
@@ -18,6 +20,21 @@ def tiny_config(**model_overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def random_params(model, seed=0, scale=0.05):
+  """Every parameter random (norm scales around 1), without compiling `init`: quick for tests
+  that need no particular initialisation."""
+  abstract = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    noise = rng.normal(0, scale, leaf.shape)
+    if str(getattr(path[-1], 'key', '')) == 'scale':
+      noise = 1 + 2 * noise
+    return jnp.asarray(noise, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def random_images(model, batch, frames, seed):

@@ -68,15 +68,6 @@ def save_converted(out_dir: str | pathlib.Path, model: ml_collections.ConfigDict
   checkpointer.wait_until_finished()
 
 
-def _tuples(value):
-  """JSON lists -> tuples (as the config's sequence fields are)."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
 def load_converted(out_dir: str | pathlib.Path,
                    abstract_params=None) -> tuple[ml_collections.ConfigDict, hf.Params]:
   """Reads what `save_converted` wrote: (model config, params as jax arrays).
@@ -87,7 +78,7 @@ def load_converted(out_dir: str | pathlib.Path,
   out = pathlib.Path(out_dir).absolute()
   if not (out / 'model_config.json').is_file():
     raise FileNotFoundError(f'{out} has no model_config.json: not a convert.from_hf output')
-  model = ml_collections.ConfigDict(_tuples(json.loads((out / 'model_config.json').read_text())))
+  model = lavi_config.from_json(json.loads((out / 'model_config.json').read_text()))
   if abstract_params is None:
     abstract_params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
   params = ocp.StandardCheckpointer().restore(out / 'params', abstract_params)

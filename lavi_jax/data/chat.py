@@ -104,6 +104,23 @@ def render(conversation: Conversation, template: ChatTemplate):
   return text, spans, pair_ends
 
 
+def _bos(tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+  return [tokenizer.bos_id] if template.bos and tokenizer.bos_id is not None else []
+
+
+def tokenize_prompt(conversation: Conversation, tokenizer: Tokenizer,
+                    template: ChatTemplate) -> np.ndarray:
+  """The ids (L,) int32 an answer is generated after: a conversation whose last turn is from
+  `human`, rendered as for training, up to where the next answer would start."""
+  text, spans, _ = render(list(conversation) + [{'from': 'gpt', 'value': ''}], template)
+  return np.array(_bos(tokenizer, template) + tokenizer.encode(text[:spans[-1][0]]), np.int32)
+
+
+def end_of_answer(template: ChatTemplate) -> str:
+  """The token that ends an answer ('<|im_end|>', '</s>')."""
+  return template.answer.format('').strip()
+
+
 def tokenize_chat(conversation: Conversation, tokenizer: Tokenizer, template: ChatTemplate,
                   max_len: int) -> TokenizedChat:
   """Renders and tokenizes a conversation, dropping whole trailing (human, gpt) pairs until it
@@ -115,7 +132,7 @@ def tokenize_chat(conversation: Conversation, tokenizer: Tokenizer, template: Ch
   mask = np.zeros(len(ids), bool)
   for start, end in spans:
     mask |= (starts < end) & (ends > start)
-  prefix = [tokenizer.bos_id] if template.bos and tokenizer.bos_id is not None else []
+  prefix = _bos(tokenizer, template)
   # Tokens of the first k pairs (pairs end at special tokens, so the prefix is exact).
   lengths = len(prefix) + np.searchsorted(starts, pair_ends, side='left')
   turns = int(np.sum(lengths <= max_len))

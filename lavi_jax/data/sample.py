@@ -66,6 +66,40 @@ def _visual(frames: list[np.ndarray], items: list[int], count: int, side: int) -
   return dict(pixel_values=pixels, frame_mask=mask, frame_item=item)
 
 
+def check_items(text: str, images: list, videos: list, spec: ExampleSpec):
+  """Raises DataError unless `text` has one placeholder per item and the items fit `spec`."""
+  for token, refs in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):
+    if text.count(token) != len(refs):
+      raise DataError(f'{text.count(token)} {token} placeholders but {len(refs)} '
+                      f'{token[1:-1]}s')
+  if len(images) > spec.max_images:
+    raise DataError(f'{len(images)} images, more than data.max_images={spec.max_images}')
+  if len(videos) > (1 if spec.num_frames else 0):
+    raise DataError(f'{len(videos)} videos; at most one video per record is supported, and '
+                    'only with data.num_frames > 0')
+
+
+def load_visual(spec: ExampleSpec, images: list, image_items: list[int], videos: list,
+                video_items: list[int], anyres: bool) -> dict[str, dict[str, np.ndarray]]:
+  """Decodes visual items into padded arrays: {'images': ..., 'videos': ... (when Fv > 0)}.
+
+  images / videos: references, with their item indices (placeholder order) in image_items /
+  video_items. With `anyres` the images get AnyRes crops, else their base crop only.
+  Raises DataError for a missing or unreadable file.
+  """
+  side = spec.image_size
+  decoded = [image.decode_image(ref) for ref in images]
+  if anyres:
+    crops = [image.anyres_crops(x, side, spec.grids, spec.max_crops) for x in decoded]
+  else:
+    crops = [image.normalize(x, side)[None] for x in decoded]
+  out = {'images': _visual(crops, image_items, spec.image_frames, side)}
+  if spec.num_frames:
+    frames = [video.video_frames(ref, spec.num_frames, side) for ref in videos]
+    out['videos'] = _visual(frames, video_items, spec.num_frames, side)
+  return out
+
+
 class Preprocess(grain.transforms.Map):
   """grain Map: raw record -> example. A DataError is re-raised naming the record, or, with
   `skip_bad_records`, logged and returned as `Skipped`."""
@@ -90,33 +124,17 @@ class Preprocess(grain.transforms.Map):
     tokenized = chat.tokenize_chat(record['conversations'], tokenizer, self.template,
                                    spec.max_text_len)
     images, videos = list(record['images']), list(record['videos'])
-    text = ''.join(turn['value'] for turn in record['conversations'])
-    for token, refs in ((IMAGE_TOKEN, images), (VIDEO_TOKEN, videos)):
-      if text.count(token) != len(refs):
-        raise DataError(f'{text.count(token)} {token} placeholders but {len(refs)} '
-                        f'{token[1:-1]}s')
-    if len(images) > spec.max_images:
-      raise DataError(f'{len(images)} images, more than data.max_images={spec.max_images}')
-    if len(videos) > (1 if spec.num_frames else 0):
-      raise DataError(f'{len(videos)} videos; at most one video per record is supported, and '
-                      'only with data.num_frames > 0')
+    check_items(''.join(turn['value'] for turn in record['conversations']), images, videos,
+                spec)
     # Items whose placeholders survived truncation, in text order.
     placeholders = (tokenizer.image_id, tokenizer.video_id)
     kinds = [i for i in tokenized.ids.tolist() if i in placeholders]
     image_items = [k for k, i in enumerate(kinds) if i == tokenizer.image_id]
     video_items = [k for k, i in enumerate(kinds) if i == tokenizer.video_id]
-    side = spec.image_size
-    decoded = [image.decode_image(ref) for ref in images[:len(image_items)]]
-    if len(images) == 1:
-      crops = [image.anyres_crops(x, side, spec.grids, spec.max_crops) for x in decoded]
-    else:
-      crops = [image.normalize(x, side)[None] for x in decoded]
+    visual = load_visual(spec, images[:len(image_items)], image_items,
+                         videos[:len(video_items)], video_items, anyres=len(images) == 1)
     example = self.text_arrays(tokenized)
-    example['images'] = _visual(crops, image_items, spec.image_frames, side)
-    if spec.num_frames:
-      frames = [video.video_frames(ref, spec.num_frames, side)
-                for ref in videos[:len(video_items)]]
-      example['videos'] = _visual(frames, video_items, spec.num_frames, side)
+    example.update(visual)
     example['question_type'] = np.int32(record['question_type'])
     example['num_truncated'] = np.int32(tokenized.truncated)
     return example

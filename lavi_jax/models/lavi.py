@@ -26,7 +26,7 @@ from lavi_jax import config as lavi_config
 from lavi_jax.models.llm import LLM, causal_mask
 from lavi_jax.models.projector import FrameIndexEmbedding, Projector
 from lavi_jax.models.vit import ViT
-from lavi_jax.models.viln import ViLNContext
+from lavi_jax.models.viln import Conditioning, ViLNContext, VisualMemory, token_conditioning
 
 VisualInput = dict[str, jax.Array]
 
@@ -135,12 +135,17 @@ class LaVi(nn.Module):
     return VisualTokens(jnp.concatenate(tokens, 1), jnp.concatenate(mask, 1),
                         jnp.concatenate(item, 1), tuple(segments))
 
-  def conditioning(self, visual: VisualTokens | None, token_items: jax.Array):
-    """What the ViLN layers read, for text tokens that have seen `token_items` items (B, T)."""
+  def visual_memory(self, visual: VisualTokens | None) -> VisualMemory | None:
+    """What the ViLN conditioners read from the visual tokens, per sample (fusion='viln')."""
     if visual is None:
       return None
-    return self.viln_context(visual.tokens, visual.mask, visual.item, token_items,
-                             visual.segments)
+    return self.viln_context(visual.tokens, visual.mask, visual.item, visual.segments)
+
+  def conditioning(self, visual: VisualTokens | None,
+                   token_items: jax.Array) -> Conditioning | None:
+    """What the ViLN layers read, for text tokens that have seen `token_items` items (B, T)."""
+    memory = self.visual_memory(visual)
+    return None if memory is None else token_conditioning(memory, token_items)
 
   def __call__(self, input_ids, text_mask=None, images: VisualInput | None = None,
                videos: VisualInput | None = None) -> jax.Array:
@@ -152,15 +157,23 @@ class LaVi(nn.Module):
     text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
     visual = self.encode_visual(images, videos)
     if self.cfg.fusion == 'concat' and visual is not None:
-      return self._concat_forward(input_ids, text_mask, visual)
+      embeds, valid, out_pos = self.concat_inputs(input_ids, text_mask, visual)
+      positions = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
+      hidden = self.llm.hidden_states(embeds, positions, causal_mask(valid))
+      return self.llm.logits(jnp.take_along_axis(hidden, out_pos[:, :, None], axis=1))
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     cond = None
     if self.cfg.fusion == 'viln':
       cond = self.conditioning(visual, count_items_so_far(input_ids, self.cfg))
     return self.llm(input_ids, positions, causal_mask(text_mask), cond)
 
-  def _concat_forward(self, input_ids, text_mask, visual: VisualTokens):
-    b, t = input_ids.shape
+  def concat_inputs(self, input_ids, text_mask, visual: VisualTokens):
+    """fusion='concat': the merged sequence, each placeholder replaced by its item's tokens.
+
+    Returns (embeds (B, L, D), valid (B, L) bool, out_pos (B, T)), L = T + N; see
+    `concat_layout` (valid merged tokens are contiguous from position 0).
+    """
+    b, _ = input_ids.shape
     text_dest, visual_dest, out_pos, length = concat_layout(input_ids, text_mask, visual,
                                                             self.cfg)
     rows = jnp.arange(b)[:, None]
@@ -171,10 +184,7 @@ class LaVi(nn.Module):
     valid = jnp.zeros((b, length), bool)
     valid = valid.at[rows, text_dest].set(text_mask, mode='drop')
     valid = valid.at[rows, visual_dest].set(True, mode='drop')
-    positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-    hidden = self.llm.hidden_states(merged, positions, causal_mask(valid))
-    hidden = jnp.take_along_axis(hidden, out_pos[:, :, None], axis=1)
-    return self.llm.logits(hidden)
+    return merged, valid, out_pos
 
 
 def dummy_inputs(model: ml_collections.ConfigDict, batch: int = 1, text_len: int = 8,

@@ -7,11 +7,18 @@ V vocabulary. Parameter names mirror Hugging Face (`embed_tokens`, `self_attn.{q
 Layers are stacked with `nn.scan` over blocks of `period` layers, where `period` is the smallest
 repeat of the pattern of ViLN-modulated layers (1 when every layer is modulated the same way):
 layer l lives at `layers/layer_{l % period}` index `l // period`. Unscanned, it is `layers_{l}`.
+
+Decoding passes a `KVCache` (L layers, S slots) to `LLM.hidden_states`, which returns it with the
+new tokens' keys and values stored. The cache is an explicit input and output, not a Flax
+variable collection: it is threaded through the layers (scanned: as part of the scan carry, with
+each layer's index a scanned input), and each layer writes its keys and values at its own index
+before attending, so XLA updates the cache in place inside a decode loop.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,12 +59,42 @@ def layer_param_path(model: ml_collections.ConfigDict, layer: int) -> tuple[tupl
   return ('layers', f'layer_{layer % period}'), layer // period
 
 
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for S slots, and where the next tokens are written.
+
+  k, v: (L, B, S, K, Dh) after RoPE; index: () int32, the slot of the first of the next T tokens
+  (the same for every row: rows of different lengths leave masked, unused slots).
+  """
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, model: ml_collections.ConfigDict, batch: int, slots: int) -> KVCache:
+    llm = model.llm
+    shape = (llm.num_layers, batch, slots, llm.num_kv_heads, lavi_config.head_dim(llm))
+    dtype = dtype_of(model.dtype)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+  def store(self, layer, k: jax.Array, v: jax.Array) -> KVCache:
+    """Layer `layer`'s k, v (B, T, K, Dh) of the next T tokens -> slots index..index+T-1."""
+    update = lambda cache, new: jax.lax.dynamic_update_slice(
+        cache, new[None].astype(cache.dtype), (layer, 0, self.index, 0, 0))
+    return self.replace(k=update(self.k, k), v=update(self.v, v))
+
+
 class Attention(nn.Module):
-  """GQA self-attention with RoPE. x (B, T, D), positions (B, T), mask (B, T, S) -> (B, T, D)."""
+  """GQA self-attention with RoPE. x (B, T, D), positions (B, T), mask (B, T, S).
+
+  Without a cache, S = T. With a `KVCache`, the T tokens' keys and values are first stored as
+  layer `layer`'s and then attended to with the rest of its S slots. Returns (out (B, T, D), the
+  updated cache or None).
+  """
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, mask, cache: KVCache | None = None, layer=None):
     cfg = self.config.llm
     hd = lavi_config.head_dim(cfg)
     kw = dict(dtype=x.dtype, param_dtype=dtype_of(self.config.param_dtype))
@@ -72,9 +109,13 @@ class Attention(nn.Module):
     v = checkpoint_name(v, 'value')
     q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
     k = constrain(k, ('batch', 'length', 'kv_heads', 'head_dim'))
+    if cache is not None:
+      cache = cache.store(layer, k, v)
+      k, v = (constrain(c[layer], ('batch', 'length', 'kv_heads', 'head_dim'))
+              for c in (cache.k, cache.v))
     out = constrain(attention(q, k, v, mask), ('batch', 'length', 'heads', 'head_dim'))
     return Dense(cfg.hidden_size, ('heads', 'head_dim', 'embed'), use_bias=False,
-                 in_axes_count=2, name='o_proj', **kw)(out)
+                 in_axes_count=2, name='o_proj', **kw)(out), cache
 
 
 class MLP(nn.Module):
@@ -92,33 +133,43 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """h + attn(ViLN_attn(h)), then + mlp(ViLN_mlp(h)). h (B, T, D) -> (B, T, D)."""
+  """h + attn(ViLN_attn(h)), then + mlp(ViLN_mlp(h)). h (B, T, D) -> (h (B, T, D), cache).
+
+  cache: None, or the KVCache, returned with this layer's (`layer`) new keys and values.
+  """
   config: ml_collections.FrozenConfigDict
   modulated: bool
 
   @nn.compact
-  def __call__(self, h, positions, mask, cond: Conditioning | None, group):
+  def __call__(self, h, positions, mask, cond: Conditioning | None, group,
+               cache: KVCache | None = None, layer=None):
     sublayers = self.config.viln.sublayers
     x = ViLN(self.config, self.modulated and 'attn' in sublayers, name='input_layernorm')(
         h, cond, group)
-    h = h + Attention(self.config, name='self_attn')(x, positions, mask)
+    out, cache = Attention(self.config, name='self_attn')(x, positions, mask, cache, layer)
+    h = h + out
     x = ViLN(self.config, self.modulated and 'mlp' in sublayers,
              name='post_attention_layernorm')(h, cond, group)
     h = h + MLP(self.config, name='mlp')(x)
-    return constrain(h, ('batch', 'length', 'embed'))
+    return constrain(h, ('batch', 'length', 'embed')), cache
 
 
 class DecoderBlock(nn.Module):
-  """`period` consecutive layers: the unit that nn.scan repeats. Returns (h, None)."""
+  """`period` consecutive layers: the unit that nn.scan repeats.
+
+  carry: (h, KVCache or None); groups, layers (period,): the layers' conditioner groups and
+  indices. Returns (carry, None).
+  """
   config: ml_collections.FrozenConfigDict
   pattern: tuple[bool, ...]
 
   @nn.compact
-  def __call__(self, h, groups, positions, mask, cond):
+  def __call__(self, carry, groups, layers, positions, mask, cond):
+    h, cache = carry
     for j, modulated in enumerate(self.pattern):
-      h = DecoderLayer(self.config, modulated, name=f'layer_{j}')(h, positions, mask, cond,
-                                                                  groups[j])
-    return h, None
+      h, cache = DecoderLayer(self.config, modulated, name=f'layer_{j}')(
+          h, positions, mask, cond, groups[j], cache, layers[j])
+    return (h, cache), None
 
 
 class LLM(nn.Module):
@@ -140,7 +191,7 @@ class LLM(nn.Module):
       block = remat(DecoderBlock, cfg.remat, prevent_cse=False)
       self.layers = nn.scan(
           block, variable_axes={'params': 0}, split_rngs={'params': True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n // period,
+          in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=n // period,
           metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, pattern[:period])
       self.period = period
     else:
@@ -155,16 +206,26 @@ class LLM(nn.Module):
     """input_ids (B, T) -> embeddings (B, T, D) in the compute dtype."""
     return self.embed_tokens(input_ids)
 
-  def hidden_states(self, embeds, positions, mask, cond: Conditioning | None = None):
-    """embeds (B, T, D), positions (B, T), mask (B, T, S) -> final-normed hidden (B, T, D)."""
+  def hidden_states(self, embeds, positions, mask, cond: Conditioning | None = None,
+                    cache: KVCache | None = None):
+    """embeds (B, T, D), positions (B, T), mask (B, T, S) -> final-normed hidden (B, T, D).
+
+    Without a cache S = T. With a `KVCache` of S slots, the T tokens' keys and values are stored
+    from its index on; returns (hidden, the cache with its index advanced by T).
+    """
     h = constrain(embeds, ('batch', 'length', 'embed'))
+    caching = cache is not None
     if self.config.scan_layers:
       groups = jnp.asarray(self.group_ids.reshape(-1, self.period))
-      h, _ = self.layers(h, groups, positions, mask, cond)
+      layers = jnp.arange(len(self.group_ids)).reshape(-1, self.period)
+      (h, cache), _ = self.layers((h, cache), groups, layers, positions, mask, cond)
     else:
-      for layer, group in zip(self.layers, self.group_ids):
-        h = layer(h, positions, mask, cond, int(group))
-    return self.norm(h, cond, int(self.group_ids[-1]))
+      for l, (layer, group) in enumerate(zip(self.layers, self.group_ids)):
+        h, cache = layer(h, positions, mask, cond, int(group), cache, l)
+    h = self.norm(h, cond, int(self.group_ids[-1]))
+    if not caching:
+      return h
+    return h, cache.replace(index=cache.index + h.shape[1])
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden (B, T, D) -> logits (B, T, V) in float32."""

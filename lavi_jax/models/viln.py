@@ -5,11 +5,15 @@
 Shapes: B batch, T text length, N visual tokens, D LLM width, C visual width (d_ctx),
 G conditioner groups (`kv_groups`), Hc / Dc conditioner heads / head width.
 
-`ViLNContext` runs once per forward pass, outside the layer loop: it computes what the
-conditioners read from the visual tokens, per group (the attention conditioner's keys and values,
-or the mlp/conv conditioners' per-token visual summaries), plus the `allowed` mask that lets text
-token i see only the visual items whose placeholder is at or before i. Each modulated norm then
-owns a small conditioner (query/first projection and a zero-initialised last projection).
+What the conditioners read is computed in two parts, outside the layer loop:
+- `ViLNContext`: the visual memory, once per sample and independent of the text (the attention
+  conditioner's keys and values per group; for mlp the visual tokens, for conv the ConvMixer
+  output per group). Decoding computes it at prefill and reuses it at every step.
+- `token_conditioning`: the cheap per-text-token part, from how many items each token has seen:
+  the `allowed` mask (text token i sees only the visual items whose placeholder is at or before
+  i) and, for mlp/conv, the masked mean of the memory over the allowed tokens.
+Each modulated norm then owns a small conditioner (query/first projection and a
+zero-initialised last projection).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import ml_collections
 
 from lavi_jax.models.layers import Dense, LayerNorm, attention, dtype_of, partitioned, rms_normalize
 
-Conditioning = dict[str, Any]  # {'allowed' (B,T,N), 'has_visual' (B,T), 'k','v' | 'summary'}
+# {'mask', 'item' (B,N); 'k','v' (G,B,N,Hc,Dc) | 'tokens' (B,N,C) (mlp) | 'mixed' (G,B,N,C)}
+VisualMemory = dict[str, Any]
+# {'allowed' (B,T,N), 'has_visual' (B,T); 'k','v' (G,B,N,Hc,Dc) | 'summary' (G,B,T,C)}
+Conditioning = dict[str, Any]
 
 
 def allowed_mask(token_items: jax.Array, visual_mask: jax.Array, visual_item: jax.Array):
@@ -79,20 +86,19 @@ class ConvMixer(nn.Module):
 
 
 class ViLNContext(nn.Module):
-  """Visual tokens -> the per-group conditioning every ViLN reads (see module docstring)."""
+  """Visual tokens -> the per-sample visual memory every ViLN reads (see module docstring)."""
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, tokens, visual_mask, visual_item, token_items, segments) -> Conditioning:
-    """tokens (B, N, C), visual_mask/visual_item (B, N), token_items (B, T).
+  def __call__(self, tokens, visual_mask, visual_item, segments) -> VisualMemory:
+    """tokens (B, N, C), visual_mask/visual_item (B, N).
 
     segments: ((F, h, w), ...) the token grids that make up N (used by the conv conditioner).
     """
     cfg = self.config.viln
     dtype, param_dtype = dtype_of(self.config.dtype), dtype_of(self.config.param_dtype)
     tokens = tokens.astype(dtype)
-    allowed = allowed_mask(token_items, visual_mask, visual_item)
-    out = {'allowed': allowed, 'has_visual': allowed.any(-1)}
+    out = {'mask': visual_mask, 'item': visual_item}
     groups = cfg.kv_groups
     if cfg.conditioner == 'attention':
       for name in ('k', 'v'):
@@ -101,14 +107,26 @@ class ViLNContext(nn.Module):
                    param_dtype=param_dtype, name=f'{name}_proj')(tokens)
         out[name] = kv.transpose(2, 0, 1, 3, 4)  # (G, B, N, Hc, Dc)
     elif cfg.conditioner == 'mlp':
-      out['summary'] = masked_mean(allowed, tokens)[None]  # (1, B, T, C)
+      out['tokens'] = tokens
     else:  # conv: one ConvMixer per group
       mixers = nn.vmap(ConvMixer, variable_axes={'params': 0}, split_rngs={'params': True},
                        in_axes=None, out_axes=0, axis_size=groups,
                        metadata_params={nn.PARTITION_NAME: 'layers'})
-      mixed = mixers(self.config, segments, name='conv_mixer')(tokens)  # (G, B, N, C)
-      out['summary'] = jax.vmap(masked_mean, in_axes=(None, 0))(allowed, mixed)
+      out['mixed'] = mixers(self.config, segments, name='conv_mixer')(tokens)  # (G, B, N, C)
     return out
+
+
+def token_conditioning(memory: VisualMemory, token_items: jax.Array) -> Conditioning:
+  """The conditioning of text tokens that have seen `token_items` (B, T) visual items each."""
+  allowed = allowed_mask(token_items, memory['mask'], memory['item'])
+  out = {'allowed': allowed, 'has_visual': allowed.any(-1)}
+  if 'k' in memory:
+    out['k'], out['v'] = memory['k'], memory['v']
+  elif 'mixed' in memory:
+    out['summary'] = jax.vmap(masked_mean, in_axes=(None, 0))(allowed, memory['mixed'])
+  else:
+    out['summary'] = masked_mean(allowed, memory['tokens'])[None]  # (1, B, T, C)
+  return out
 
 
 def group_of_layer(layer: int, num_layers: int, kv_groups: int) -> int:

@@ -8,14 +8,19 @@ refused with the differing keys named.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
+import flax.linen as nn
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lavi_jax import config as lavi_config
+from lavi_jax.models import init_params
 from lavi_jax.train.state import TrainState
 
 
@@ -96,6 +101,37 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def load_params(workdir: str, step: int | None = None,
+                abstract_params=None) -> tuple[ml_collections.ConfigDict, Any]:
+  """(run config, parameters) of checkpoint `step` (default: the latest) of a training workdir,
+  without the optimizer or data state.
+
+  `abstract_params`: ShapeDtypeStructs with shardings to restore onto (default: the stored
+  model's shapes on the default device).
+  """
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: not a training workdir')
+  manager = ocp.CheckpointManager(directory,
+                                  item_handlers=dict(config=ocp.JsonCheckpointHandler()))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{directory} holds no finished checkpoint')
+  stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  manager.close()
+  config = lavi_config.from_json(stored['config'])
+  if abstract_params is None:
+    abstract_params = nn.unbox(jax.eval_shape(functools.partial(init_params, config.model),
+                                              jax.random.key(0)))
+  item = {'params': abstract_params}
+  restored = ocp.PyTreeCheckpointer().restore(
+      directory / str(step) / 'state',
+      args=ocp.args.PyTreeRestore(item=item,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True))
+  return config, restored['params']
 
 
 def _as_dict(state: TrainState) -> dict[str, Any]:
