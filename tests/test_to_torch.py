@@ -80,9 +80,14 @@ def test_round_trip_is_bitwise(tmp_path, variant):
   assert_same(params, from_hf.load_converted(tmp_path / 'back')[1])
 
 
-def test_sharded_bf16_export(tmp_path):
+def test_sharded_bf16_export(tmp_path, monkeypatch):
   from safetensors import safe_open
   folder, model, params = converted(tmp_path, tokenizer=False)
+  reads = []
+  read = to_torch.Source.read
+  monkeypatch.setattr(to_torch.Source, 'read', lambda self, paths: reads.append(paths) or read(
+      self, paths))
+  monkeypatch.setattr(to_torch, 'READ_BYTES', 100_000)
   out = tmp_path / 'torch'
   index = to_torch.export(str(folder), str(out), 'bfloat16', '300KB')
   files = sorted(f.name for f in out.glob('*.safetensors'))
@@ -103,6 +108,8 @@ def test_sharded_bf16_export(tmp_path):
         total += x.nbytes
   assert total == stored['metadata']['total_size']
   assert len(stored['weight_map']) == len(hf.export_tensor_map(model))
+  assert len(reads) > n and max(map(len, reads)) > 1  # groups of parameters, each read once
+  assert sum(map(len, reads)) <= len(traverse_util.flatten_dict(params)) + n
   _, imported = hf.load_hf_lavi(out, dtype='float32')
   expected = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
                           params)

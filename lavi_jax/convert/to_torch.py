@@ -11,11 +11,12 @@ names one. Tensor names and transforms are `hf.export_tensor_map`'s: for fusion=
 LlamaForCausalLM, the vision tower as SigLIP, the LLaVA projector, `frame_index.weight` and the
 conditioners under `conditioners.`; for fusion='concat' a LlavaForConditionalGeneration folder.
 
-Streaming: tensors are written in the order of the parameters they come from, so each shard
-needs only its own parameters; those are restored from Orbax as one group (numpy, no device
-copies), converted and written tensor by tensor into a file whose header is computed up front.
-Peak host memory is about one shard's worth of parameters in their stored dtype (and at least
-the largest parameter: a scanned LLM stacks all layers of one weight in one parameter).
+Streaming: each shard's header is computed up front from the shapes, then its tensors are
+converted and written one at a time. Tensors are ordered by the parameter they come from, so a
+shard needs only its own parameters; those are restored from Orbax (as numpy arrays, no device
+copies) in groups of about 512 MiB and dropped once written. Peak host memory is therefore
+about one such group plus the largest parameter (a scanned LLM stacks all layers of one weight
+in one parameter), whatever the shard or model size.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat
 _SAFETENSORS_CODES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16',
                       np.dtype(np.float16): 'F16'}
 _TEMPLATE_OF_ARCH = {'qwen2': 'chatml', 'llama': 'vicuna_v1'}
+READ_BYTES = 2 ** 29  # parameters restored together (512 MiB in their stored dtype)
 Path = tuple[str, ...]
 
 
@@ -176,23 +178,36 @@ def write_safetensors(file: pathlib.Path, specs: list[tuple[str, tuple[int, ...]
 
 def write_weights(source: Source, out: pathlib.Path, dtype: np.dtype | None,
                   max_bytes: int) -> dict[str, Any]:
-  """Writes the shards (and the index when there is more than one); returns the index."""
+  """Writes the shards (and the index when there is more than one); returns the index.
+
+  Parameters are restored in groups of about READ_BYTES (at least one parameter each) and
+  dropped once their last tensor is written.
+  """
   entries = hf.export_tensor_map(source.model)
   dtypes = {e.path: dtype or source.shapes[e.path][1] for e in entries}
   shards = plan_shards(entries, max(dtypes.values(), key=lambda d: d.itemsize), max_bytes)
+  stored_bytes = lambda path: math.prod(source.shapes[path][0]) * source.shapes[path][1].itemsize
   n = len(shards)
   weight_map, total = {}, 0
   for i, shard in enumerate(shards):
     name = 'model.safetensors' if n == 1 else f'model-{i + 1:05d}-of-{n:05d}.safetensors'
-    leaves = source.read(dict.fromkeys(e.path for e in shard))
+    paths = list(dict.fromkeys(e.path for e in shard))  # in the order they are used
     last_use = {e.path: j for j, e in enumerate(shard)}
 
     def tensors():
+      loaded, next_path, size = {}, 0, 0
       for j, e in enumerate(shard):
-        leaf = leaves[e.path] if e.index is None else leaves[e.path][e.index]
+        if e.path not in loaded:  # restore the next group of parameters
+          group, size = [], 0
+          while next_path < len(paths) and (not group or size < READ_BYTES):
+            group.append(paths[next_path])
+            size += stored_bytes(paths[next_path])
+            next_path += 1
+          loaded.update(source.read(group))
+        leaf = loaded[e.path] if e.index is None else loaded[e.path][e.index]
         yield hf.to_hf(e.kind, leaf, e.hf_shape).astype(dtypes[e.path])
         if last_use[e.path] == j:
-          del leaves[e.path]
+          del loaded[e.path]
 
     write_safetensors(out / name, [(e.hf_name, e.hf_shape, dtypes[e.path]) for e in shard],
                       tensors())
