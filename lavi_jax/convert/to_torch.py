@@ -180,8 +180,8 @@ def write_weights(source: Source, out: pathlib.Path, dtype: np.dtype | None,
                   max_bytes: int) -> dict[str, Any]:
   """Writes the shards (and the index when there is more than one); returns the index.
 
-  Parameters are restored in groups of about READ_BYTES (at least one parameter each) and
-  dropped once their last tensor is written.
+  Parameters are restored in groups of at most READ_BYTES (or one larger parameter) and dropped
+  once their last tensor is written.
   """
   entries = hf.export_tensor_map(source.model)
   dtypes = {e.path: dtype or source.shapes[e.path][1] for e in entries}
@@ -199,7 +199,8 @@ def write_weights(source: Source, out: pathlib.Path, dtype: np.dtype | None,
       for j, e in enumerate(shard):
         if e.path not in loaded:  # restore the next group of parameters
           group, size = [], 0
-          while next_path < len(paths) and (not group or size < READ_BYTES):
+          while next_path < len(paths) and (
+              not group or size + stored_bytes(paths[next_path]) <= READ_BYTES):
             group.append(paths[next_path])
             size += stored_bytes(paths[next_path])
             next_path += 1
