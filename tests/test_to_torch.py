@@ -164,3 +164,27 @@ def test_parse_size():
   assert to_torch.parse_size('300 kb') == 300_000
   with pytest.raises(ValueError, match='12XB'):
     to_torch.parse_size('12XB')
+
+
+def test_training_workdir(tmp_path):
+  """The latest checkpoint's parameters (not the optimizer state), the run's tokenizer."""
+  import jax.numpy as jnp
+  from lavi_jax.data import pipeline
+  from lavi_jax.train import checkpoint as ckpt_lib
+  from lavi_jax.train.state import TrainState
+  config = tiny_config(**VARIANTS['mlp'])
+  config.checkpoint.async_save = False
+  params = random_params(config.model)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'run'), config)
+  for step in (1, 2):
+    state = TrainState(step=jnp.int32(step), params=jax.tree.map(lambda x: x * step, params),
+                       opt_state={'mu': params})
+    checkpointer.save(step, state, iter(pipeline.make_dataset(config)), force=True)
+  checkpointer.close()
+  to_torch.export(str(tmp_path / 'run'), str(tmp_path / 'torch'))
+  assert_same(jax.tree.map(lambda x: x * 2, params), hf.load_hf_lavi(tmp_path / 'torch')[1])
+  tokenizer = synthetic.synthetic_tokenizer()
+  saved = json.loads((tmp_path / 'torch' / 'tokenizer.json').read_text())
+  assert saved['model']['vocab'] == json.loads(tokenizer.tokenizer.to_str())['model']['vocab']
+  generation = json.loads((tmp_path / 'torch' / 'generation_config.json').read_text())
+  assert generation['pad_token_id'] == tokenizer.pad_id == 0
