@@ -2,6 +2,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
@@ -11,6 +12,7 @@ from flax import traverse_util
 from helpers import random_params, tiny_config
 from lavi_jax.convert import from_hf, hf, to_torch
 from lavi_jax.data import synthetic
+from lavi_jax.models import init_params
 
 VARIANTS = {
     # name: model overrides (dotted keys)
@@ -42,7 +44,7 @@ def assert_same(a, b):
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_tables_cover_every_parameter(variant):
   model = tiny_config(**VARIANTS[variant]).model
-  abstract = jax.eval_shape(lambda: random_params(model))
+  abstract = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
   flat = traverse_util.flatten_dict(abstract)
   entries = hf.export_tensor_map(model)
   assert len({e.hf_name for e in entries}) == len(entries)
@@ -132,7 +134,8 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
   stored['viln']['conditioner'] = 'attention'
   stored['llm']['qkv_bias'] = False
   (folder / 'model_config.json').write_text(json.dumps(stored))
-  with pytest.raises(hf.ConversionError, match='unexpected llm/layers/layer_0/self_attn/k_proj/bias'):
+  with pytest.raises(hf.ConversionError,
+                     match='unexpected llm/layers/layer_0/self_attn/k_proj/bias'):
     to_torch.export(str(folder), str(tmp_path / 'out'))
   VARIANTS['no-bias'] = {'llm.qkv_bias': False}  # a model Qwen2 cannot express
   folder, _, _ = converted(tmp_path, 'no-bias', tokenizer=False)

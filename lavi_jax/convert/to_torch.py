@@ -42,14 +42,13 @@ from lavi_jax import config as lavi_config
 from lavi_jax.convert import hf
 from lavi_jax.data import chat, pipeline
 from lavi_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from lavi_jax.inference.generator import TEMPLATE_OF_ARCH
 from lavi_jax.models import init_params
 from lavi_jax.train import checkpoint as ckpt_lib
 
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
           'float16': np.dtype(np.float16)}
-_SAFETENSORS_CODES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16',
-                      np.dtype(np.float16): 'F16'}
-_TEMPLATE_OF_ARCH = {'qwen2': 'chatml', 'llama': 'vicuna_v1'}
+_SAFETENSORS_CODES = {np.dtype(v): k for k, v in hf._SAFETENSORS_DTYPES.items()}
 READ_BYTES = 2 ** 29  # parameters restored together (512 MiB in their stored dtype)
 Path = tuple[str, ...]
 
@@ -232,9 +231,7 @@ def export_config(model: ml_collections.ConfigDict, dtype: np.dtype,
   layers = list(model.vision.feature_layers)
   common = dict(text_config=text, vision_config=vision,
                 vision_feature_layer=layers[0] if len(layers) == 1 else layers,
-                tie_word_embeddings=model.llm.tie_word_embeddings,
-                dtype={np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16'}.get(
-                    dtype, 'bfloat16'),
+                tie_word_embeddings=model.llm.tie_word_embeddings, dtype=dtype.name,
                 lavi_config=json.loads(model.to_json_best_effort()))
   if model.fusion == 'concat':
     side = model.vision.image_size // model.vision.patch_size
@@ -265,7 +262,8 @@ def find_tokenizer(source: Source) -> tuple[Tokenizer | None, pathlib.Path | Non
   return tokenizer, None
 
 
-def write_tokenizer(out: pathlib.Path, tokenizer: Tokenizer, sentencepiece_file: pathlib.Path | None):
+def write_tokenizer(out: pathlib.Path, tokenizer: Tokenizer,
+                    sentencepiece_file: pathlib.Path | None):
   """tokenizer.json (placeholders included) or tokenizer.model, and tokenizer_config.json."""
   if isinstance(tokenizer, HFTokenizer):
     tokenizer.save(out / 'tokenizer.json')
@@ -286,7 +284,7 @@ def generation_config(model: ml_collections.ConfigDict, tokenizer: Tokenizer,
                       run: ml_collections.ConfigDict | None) -> dict[str, Any]:
   """Stop ids (eos and the chat template's end of answer), pad and bos; greedy by default."""
   template = chat.get_template(run.data.chat_template if run is not None
-                               else _TEMPLATE_OF_ARCH[model.llm.arch])
+                               else TEMPLATE_OF_ARCH[model.llm.arch])
   stops = sorted({i for i in (tokenizer.find_id(chat.end_of_answer(template)), tokenizer.eos_id)
                   if i is not None})
   return dict(bos_token_id=tokenizer.bos_id, eos_token_id=stops, pad_token_id=tokenizer.pad_id,
