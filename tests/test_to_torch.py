@@ -191,3 +191,16 @@ def test_training_workdir(tmp_path):
   assert saved['model']['vocab'] == json.loads(tokenizer.tokenizer.to_str())['model']['vocab']
   generation = json.loads((tmp_path / 'torch' / 'generation_config.json').read_text())
   assert generation['pad_token_id'] == tokenizer.pad_id == 0
+
+
+def test_sentencepiece_tokenizer_is_copied(tmp_path):
+  from tests.data_files import train_sentencepiece
+  folder, _, _ = converted(tmp_path, tokenizer=False)
+  model_file = train_sentencepiece(folder / 'tokenizer.model')
+  out = tmp_path / 'torch'
+  to_torch.export(str(folder), str(out))
+  assert (out / 'tokenizer.model').read_bytes() == model_file.read_bytes()
+  settings = json.loads((out / 'tokenizer_config.json').read_text())
+  assert settings['eos_token'] == '</s>' and settings['tokenizer_class'] == 'LlamaTokenizer'
+  generation = json.loads((out / 'generation_config.json').read_text())
+  assert generation['eos_token_id'] == [2]  # SentencePiece's </s>; the tokenizer has no <|im_end|>

@@ -1,13 +1,15 @@
-"""Hugging Face checkpoint import: Qwen2 / LLaMA LLMs, SigLIP vision towers, LLaVA(-OneVision).
+"""Hugging Face checkpoint import: Qwen2 / LLaMA LLMs, SigLIP vision towers, LLaVA(-OneVision),
+and `convert.to_torch` exports (`load_hf_lavi`).
 
 Shapes: V vocabulary, D width, F MLP width, H heads, K kv heads, Dh head width, p patch side,
 P patches per image, Dv ViT width, C projector width.
 
 The name mapping is one table per part (`llm_tensor_map`, `vision_tensor_map`,
-`projector_tensor_map`): `Entry(hf_name, path, index, hf_shape, shape, kind)` says that HF tensor
+`projector_tensor_map`, `frame_index_entry`, `conditioner_tensor_map`; all of a model's:
+`export_tensor_map`): `Entry(hf_name, path, index, hf_shape, shape, kind)` says that HF tensor
 `hf_name` of shape `hf_shape` becomes the LaVi parameter at `path` (from the root of LaVi's tree;
 at `index` of its leading stacked axis for scanned layers) of shape `shape`, by `to_flax(kind)`;
-`to_hf(kind)` is the inverse, for export.
+`to_hf(kind)` is the inverse, for export (`convert.to_torch`).
 
 Tensors are read one at a time from memory-mapped safetensors files (any dtype, bf16 included)
 into preallocated arrays, so peak host memory is about the size of the model. Every tensor of
