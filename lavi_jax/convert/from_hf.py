@@ -2,12 +2,14 @@
 
     python -m lavi_jax.convert.from_hf --llm DIR --vision DIR --config configs/7b.py --out DIR
     python -m lavi_jax.convert.from_hf --llava DIR --config configs/7b.py --out DIR
+    python -m lavi_jax.convert.from_hf --lavi DIR --out DIR     (a convert.to_torch export)
 
 The LLM / vision shapes (and, for --llava, the feature layers and placeholder ids) come from the
 HF configs and override the config file's; everything else (fusion, ViLN, projector width, ...)
 is the config file's. Parameters not in the HF checkpoints (ViLN conditioners, zero-initialised
 where the model says so; the projector unless --llava with fusion='concat') are initialised as
-`LaVi.init` does. Writes `{out}/params` (Orbax StandardCheckpointer) and
+`LaVi.init` does. A `convert.to_torch` export (--lavi) holds every parameter and its model
+config, so it needs no config file. Writes `{out}/params` (Orbax StandardCheckpointer) and
 `{out}/model_config.json`; `load_converted(out)` reads them back.
 """
 
@@ -91,10 +93,17 @@ def load_config_file_model(path: str) -> ml_collections.ConfigDict:
   return lavi_config.load_config_file(file, arg or None).model
 
 
-def convert(config_path: str, out_dir: str, llm: str | None = None, vision: str | None = None,
-            llava: str | None = None, seed: int = 0):
-  """Imports the HF checkpoints, initialises the rest of LaVi and saves; returns (model, params)."""
-  model, imported = import_hf(load_config_file_model(config_path), llm, vision, llava)
+def convert(config_path: str | None, out_dir: str, llm: str | None = None,
+            vision: str | None = None, llava: str | None = None, seed: int = 0,
+            lavi: str | None = None):
+  """Imports the HF checkpoints, initialises the rest of LaVi and saves; returns (model, params).
+
+  `lavi`: a convert.to_torch export instead (its own model config; `config_path` unused).
+  """
+  if lavi:
+    model, imported = hf.load_hf_lavi(lavi)
+  else:
+    model, imported = import_hf(load_config_file_model(config_path), llm, vision, llava)
   if llava and model.fusion != 'concat':
     print(f"fusion={model.fusion!r}: LLaVA's projector is not used, LaVi's starts fresh.")
   taken = sum(x.size for x in jax.tree.leaves(imported))
@@ -109,19 +118,25 @@ def convert(config_path: str, out_dir: str, llm: str | None = None, vision: str 
 
 def main(argv: Sequence[str] | None = None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', required=True, help='config file, e.g. configs/7b.py[:arg]')
+  parser.add_argument('--config', help='config file, e.g. configs/7b.py[:arg] (not with --lavi)')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--llm', help='Qwen2ForCausalLM / LlamaForCausalLM folder')
   parser.add_argument('--vision', help='SiglipVisionModel / SiglipModel folder')
   parser.add_argument('--llava', help='LlavaForConditionalGeneration / '
                       'LlavaOnevisionForConditionalGeneration folder (instead of --llm/--vision)')
+  parser.add_argument('--lavi', help='convert.to_torch export (LaVi or LLaVA layout), back to JAX')
   parser.add_argument('--seed', type=int, default=0, help='seed of the fresh parameters')
   args = parser.parse_args(argv)
-  if args.llava and (args.llm or args.vision):
+  if args.lavi:
+    if args.llava or args.llm or args.vision or args.config:
+      parser.error('--lavi takes no --config, --llava, --llm or --vision')
+  elif not args.config:
+    parser.error('give --config')
+  elif args.llava and (args.llm or args.vision):
     parser.error('give either --llava or --llm and --vision')
-  if not args.llava and not (args.llm and args.vision):
-    parser.error('give --llm and --vision (or --llava)')
-  convert(args.config, args.out, args.llm, args.vision, args.llava, args.seed)
+  elif not args.llava and not (args.llm and args.vision):
+    parser.error('give --llm and --vision (or --llava, or --lavi)')
+  convert(args.config, args.out, args.llm, args.vision, args.llava, args.seed, args.lavi)
 
 
 if __name__ == '__main__':

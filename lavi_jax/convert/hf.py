@@ -1,13 +1,15 @@
-"""Hugging Face checkpoint import: Qwen2 / LLaMA LLMs, SigLIP vision towers, LLaVA(-OneVision).
+"""Hugging Face checkpoint import: Qwen2 / LLaMA LLMs, SigLIP vision towers, LLaVA(-OneVision),
+and `convert.to_torch` exports (`load_hf_lavi`).
 
 Shapes: V vocabulary, D width, F MLP width, H heads, K kv heads, Dh head width, p patch side,
 P patches per image, Dv ViT width, C projector width.
 
 The name mapping is one table per part (`llm_tensor_map`, `vision_tensor_map`,
-`projector_tensor_map`): `Entry(hf_name, path, index, hf_shape, shape, kind)` says that HF tensor
+`projector_tensor_map`, `frame_index_entry`, `conditioner_tensor_map`; all of a model's:
+`export_tensor_map`): `Entry(hf_name, path, index, hf_shape, shape, kind)` says that HF tensor
 `hf_name` of shape `hf_shape` becomes the LaVi parameter at `path` (from the root of LaVi's tree;
 at `index` of its leading stacked axis for scanned layers) of shape `shape`, by `to_flax(kind)`;
-`to_hf(kind)` is the inverse, for export.
+`to_hf(kind)` is the inverse, for export (`convert.to_torch`).
 
 Tensors are read one at a time from memory-mapped safetensors files (any dtype, bf16 included)
 into preallocated arrays, so peak host memory is about the size of the model. Every tensor of
@@ -187,6 +189,35 @@ def vision_section(hf: dict[str, Any]) -> dict[str, Any]:
               num_heads=c['num_attention_heads'], layer_norm_eps=float(c['layer_norm_eps']))
 
 
+def hf_text_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`model.llm` as a Qwen2Config / LlamaConfig dict (the inverse of `llm_section`)."""
+  llm = model.llm
+  if llm.qkv_bias != (llm.arch == 'qwen2'):
+    _unsupported('LLM option', f'model.llm.qkv_bias={llm.qkv_bias} with arch={llm.arch!r} '
+                 '(Qwen2 has QKV biases, LLaMA none)')
+  out = dict(model_type=llm.arch, vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
+             intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_layers,
+             num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+             head_dim=lavi_config.head_dim(llm), hidden_act='silu',
+             rms_norm_eps=llm.rms_norm_eps, rope_theta=llm.rope_theta,
+             rope_parameters=dict(rope_type='default', rope_theta=llm.rope_theta),
+             tie_word_embeddings=llm.tie_word_embeddings, max_position_embeddings=32768)
+  if llm.arch == 'llama':
+    out.update(attention_bias=False, mlp_bias=False)
+  return out
+
+
+def hf_vision_config(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`model.vision` as a SiglipVisionConfig dict (the inverse of `vision_section`; no pooling
+  head)."""
+  vis = model.vision
+  return dict(model_type='siglip_vision_model', hidden_size=vis.hidden_size,
+              intermediate_size=vis.intermediate_size, num_hidden_layers=vis.num_layers,
+              num_attention_heads=vis.num_heads, image_size=vis.image_size,
+              patch_size=vis.patch_size, layer_norm_eps=vis.layer_norm_eps,
+              hidden_act='gelu_pytorch_tanh', num_channels=3, vision_use_head=False)
+
+
 def _updated(model_config: ml_collections.ConfigDict | None,
              **sections) -> ml_collections.ConfigDict:
   """A copy of `model_config` (default: base_model_config()) with sections updated."""
@@ -216,7 +247,8 @@ class Entry(NamedTuple):
 
 def to_flax(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """HF tensor -> LaVi parameter. 'linear': torch (out, in) -> kernel (in..., out...);
-  'conv': torch (D, 3, p, p) -> (p, p, 3, D); 'copy': reshape only (biases -> (H, Dh))."""
+  'conv': torch (D, I, p, p) -> (p, p, I, D) (depthwise, I = 1: (p, p, D)); 'copy': reshape only
+  (biases -> (H, Dh))."""
   if kind == 'linear':
     x = x.T
   elif kind == 'conv':
@@ -229,7 +261,7 @@ def to_hf(kind: str, x: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
   if kind == 'linear':
     return x.reshape(hf_shape[::-1]).T
   if kind == 'conv':
-    return x.transpose(3, 2, 0, 1)
+    return x.reshape(hf_shape[2:] + hf_shape[1::-1]).transpose(3, 2, 0, 1)
   return x.reshape(hf_shape)
 
 
@@ -317,6 +349,99 @@ def projector_tensor_map(model: ml_collections.ConfigDict,
                       (n_in, c), 'linear'),
                 Entry(f'{prefix}{name}.bias', ('projector', name, 'bias'), None, (c,), (c,),
                       'copy')]
+  return entries
+
+
+def frame_index_entry(model: ml_collections.ConfigDict, name: str = 'frame_index.weight') -> Entry:
+  """The crop/frame-index embedding (max_frames, C), as an nn.Embedding weight."""
+  shape = (model.projector.max_frames, lavi_config.ctx_dim(model))
+  return Entry(name, ('frame_index', 'embedding'), None, shape, shape, 'copy')
+
+
+_NORM_OF_SUBLAYER = {'attn': 'input_layernorm', 'mlp': 'post_attention_layernorm'}
+
+
+def conditioner_tensor_map(model: ml_collections.ConfigDict,
+                           prefix: str = 'conditioners.') -> list[Entry]:
+  """Entries of the ViLN conditioners (fusion='viln'); G groups, Hc x Dc heads, F = mlp_dim.
+
+  `{prefix}context.`: the visual memory, attention `k_proj`/`v_proj` (G*Hc*Dc, C); conv
+  `conv_mixer.{g}.` (`depthwise` (C, 1, k, k), `norm1`, `pointwise` (C, C), `norm2`). One
+  conditioner per modulated norm under `{prefix}layers.{l}.{input,post_attention}_layernorm.` and
+  `{prefix}norm.`: attention `q_proj` (Hc*Dc, D), `o_proj` (2D, Hc*Dc); mlp/conv `fc1`
+  (F, D + C), `fc2` (2D, F); with a tanh gate the scalar `gate`. Rows of o_proj/fc2: dg, then db.
+  """
+  viln, d, c = model.viln, model.llm.hidden_size, lavi_config.ctx_dim(model)
+  g, heads = viln.kv_groups, (viln.heads, viln.head_dim)
+  hc = viln.heads * viln.head_dim
+  context, entries = f'{prefix}context.', []
+  if viln.conditioner == 'attention':
+    for proj in ('k_proj', 'v_proj'):
+      path = ('viln_context', proj)
+      entries += [Entry(f'{context}{proj}.weight', path + ('kernel',), None, (g * hc, c),
+                        (c, g) + heads, 'linear'),
+                  Entry(f'{context}{proj}.bias', path + ('bias',), None, (g * hc,),
+                        (g,) + heads, 'copy')]
+  elif viln.conditioner == 'conv':
+    k, path = viln.conv_kernel, ('viln_context', 'conv_mixer')
+    for group in range(g):
+      hf = f'{context}conv_mixer.{group}.'
+      entries += [Entry(f'{hf}depthwise.weight', path + ('depthwise_kernel',), group,
+                        (c, 1, k, k), (k, k, c), 'conv'),
+                  Entry(f'{hf}depthwise.bias', path + ('depthwise_bias',), group, (c,), (c,),
+                        'copy'),
+                  Entry(f'{hf}pointwise.weight', path + ('pointwise', 'kernel'), group, (c, c),
+                        (c, c), 'linear'),
+                  Entry(f'{hf}pointwise.bias', path + ('pointwise', 'bias'), group, (c,), (c,),
+                        'copy')]
+      for norm in ('norm1', 'norm2'):
+        entries += [Entry(f'{hf}{norm}.weight', path + (norm, 'scale'), group, (c,), (c,), 'copy'),
+                    Entry(f'{hf}{norm}.bias', path + (norm, 'bias'), group, (c,), (c,), 'copy')]
+  # Per modulated norm: (HF name, path within the conditioner, HF shape, LaVi shape, kind).
+  if viln.conditioner == 'attention':
+    spec = [('q_proj.weight', ('q_proj', 'kernel'), (hc, d), (d,) + heads, 'linear'),
+            ('o_proj.weight', ('o_proj', 'kernel'), (2 * d, hc), heads + (2, d), 'linear'),
+            ('o_proj.bias', ('o_proj', 'bias'), (2 * d,), (2, d), 'copy')]
+  else:
+    f = viln.mlp_dim
+    spec = [('fc1.weight', ('fc1', 'kernel'), (f, d + c), (d + c, f), 'linear'),
+            ('fc1.bias', ('fc1', 'bias'), (f,), (f,), 'copy'),
+            ('fc2.weight', ('fc2', 'kernel'), (2 * d, f), (f, 2, d), 'linear'),
+            ('fc2.bias', ('fc2', 'bias'), (2 * d,), (2, d), 'copy')]
+  if viln.gate == 'tanh':
+    spec.append(('gate', ('gate',), (), (), 'copy'))
+  norms = []  # (HF name, path of the ViLN, index)
+  for layer, modulated in enumerate(lavi_config.modulated_layers(model)):
+    where, index = layer_param_path(model, layer)
+    norms += [(f'layers.{layer}.{_NORM_OF_SUBLAYER[s]}.', ('llm',) + where +
+               (_NORM_OF_SUBLAYER[s],), index)
+              for s in ('attn', 'mlp') if modulated and s in viln.sublayers]
+  if 'final' in viln.sublayers:
+    norms.append(('norm.', ('llm', 'norm'), None))
+  for hf, path, index in norms:
+    entries += [Entry(f'{prefix}{hf}{name}', path + ('conditioner',) + sub, index, hf_shape,
+                      shape, kind) for name, sub, hf_shape, shape, kind in spec]
+  return entries
+
+
+# Tensor-name layouts of `convert.to_torch` exports: (LLM body, lm_head, vision tower, projector).
+# LaVi: the LLM exactly as in Qwen2ForCausalLM / LlamaForCausalLM; LLaVA (fusion='concat'): as
+# transformers saves LlavaForConditionalGeneration. Both add `frame_index.weight`; LaVi adds the
+# conditioners under `conditioners.`.
+EXPORT_LAYOUTS = {
+    'viln': ('model.', 'lm_head.weight', 'vision_tower.', 'multi_modal_projector.'),
+    'concat': ('language_model.model.', 'language_model.lm_head.weight', 'vision_tower.',
+               'multi_modal_projector.'),
+}
+
+
+def export_tensor_map(model: ml_collections.ConfigDict) -> list[Entry]:
+  """Every parameter of `LaVi(model)`, named as in a `convert.to_torch` export."""
+  body, head, vision, projector = EXPORT_LAYOUTS[model.fusion]
+  entries = (llm_tensor_map(model, body, head) + vision_tensor_map(model, vision) +
+             projector_tensor_map(model, projector) + [frame_index_entry(model)])
+  if model.fusion == 'viln':
+    entries += conditioner_tensor_map(model)
   return entries
 
 
@@ -511,16 +636,51 @@ def load_hf_llava(path: str | pathlib.Path,
   unused = (_llm_unused(body, head, model.llm.tie_word_embeddings) + _vision_unused(vision) +
             [(re.escape(newline), 'OneVision AnyRes row separator; LaVi marks crops with the '
               'frame-index embedding')])
+  frame_index = frame_index_entry(model)
   if fusion == 'concat':
     entries += projector_tensor_map(model, projector)
+    if frame_index.hf_name in names:  # written by convert.to_torch
+      entries.append(frame_index)
   else:
-    unused.append((re.escape(projector) + r'.*', "LLaVA's projector (to the LLM width); LaVi's "
-                   'projector is initialised fresh'))
+    unused += [(re.escape(projector) + r'.*', "LLaVA's projector (to the LLM width); LaVi's "
+                'projector is initialised fresh'),
+               (re.escape(frame_index.hf_name), "the frame-index embedding of LLaVA's projector")]
   params = read_params(checkpoint, entries, unused, dtype)
-  if fusion == 'concat':
+  if fusion == 'concat' and 'frame_index' not in params:
     frame_dtype = params['projector']['linear_2']['bias'].dtype
     params['frame_index'] = {'embedding': np.zeros(
         (model.projector.max_frames, lavi_config.ctx_dim(model)), frame_dtype)}
+  return model, params
+
+
+def load_hf_lavi(path: str | pathlib.Path, dtype: str | np.dtype | None = None
+                 ) -> tuple[ml_collections.ConfigDict, Params]:
+  """A `convert.to_torch` export -> (model config, every LaVi parameter).
+
+  The model config is the export's `lavi_config` with the LLM and vision sections (and, for a
+  LLaVA export, feature layers and placeholder ids) from its Hugging Face configs.
+  """
+  hf = read_hf_config(path)
+  kind = hf.get('model_type')
+  if kind not in ('lavi', 'llava') or 'lavi_config' not in hf:
+    _unsupported('export', f'{path}: config.json has model_type={kind!r} and '
+                 f'{"a" if "lavi_config" in hf else "no"} lavi_config; a convert.to_torch export '
+                 "has model_type 'lavi' (or 'llava' for fusion='concat') and a lavi_config")
+  model = lavi_config.from_json(hf['lavi_config'])
+  if kind == 'llava':
+    if model.fusion != 'concat':
+      _unsupported('export', f"{path}: model_type 'llava' with fusion={model.fusion!r}")
+    return load_hf_llava(path, model, dtype, fusion='concat')
+  if model.fusion != 'viln':
+    _unsupported('export', f"{path}: model_type 'lavi' with fusion={model.fusion!r}")
+  text = hf.get('text_config', {})
+  model = _updated(model, llm=llm_section(text, text.get('tie_word_embeddings')),
+                   vision=vision_section(hf.get('vision_config', {})))
+  lavi_config.validate_model(model)
+  body, head, vision, _ = EXPORT_LAYOUTS['viln']
+  params = read_params(Checkpoint(path), export_tensor_map(model),
+                       _llm_unused(body, head, model.llm.tie_word_embeddings) +
+                       _vision_unused(vision), dtype)
   return model, params
 
 

@@ -103,14 +103,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(workdir: str, step: int | None = None,
-                abstract_params=None) -> tuple[ml_collections.ConfigDict, Any]:
-  """(run config, parameters) of checkpoint `step` (default: the latest) of a training workdir,
-  without the optimizer or data state.
-
-  `abstract_params`: ShapeDtypeStructs with shardings to restore onto (default: the stored
-  model's shapes on the default device).
-  """
+def find_checkpoint(workdir: str, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, epath.Path]:
+  """(run config, folder of the train state) of checkpoint `step` (default: the latest)."""
   directory = epath.Path(workdir) / 'checkpoints'
   if not directory.is_dir():
     raise FileNotFoundError(f'{workdir} has no checkpoints/ folder: not a training workdir')
@@ -121,13 +116,24 @@ def load_params(workdir: str, step: int | None = None,
     raise FileNotFoundError(f'{directory} holds no finished checkpoint')
   stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   manager.close()
-  config = lavi_config.from_json(stored['config'])
+  return lavi_config.from_json(stored['config']), directory / str(step) / 'state'
+
+
+def load_params(workdir: str, step: int | None = None,
+                abstract_params=None) -> tuple[ml_collections.ConfigDict, Any]:
+  """(run config, parameters) of checkpoint `step` (default: the latest) of a training workdir,
+  without the optimizer or data state.
+
+  `abstract_params`: ShapeDtypeStructs with shardings to restore onto (default: the stored
+  model's shapes on the default device).
+  """
+  config, state = find_checkpoint(workdir, step)
   if abstract_params is None:
     abstract_params = nn.unbox(jax.eval_shape(functools.partial(init_params, config.model),
                                               jax.random.key(0)))
   item = {'params': abstract_params}
   restored = ocp.PyTreeCheckpointer().restore(
-      directory / str(step) / 'state',
+      state,
       args=ocp.args.PyTreeRestore(item=item,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True))

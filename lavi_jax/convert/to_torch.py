@@ -1,0 +1,330 @@
+"""A LaVi checkpoint -> a Hugging Face-style PyTorch folder.
+
+    python -m lavi_jax.convert.to_torch --checkpoint DIR --out DIR [--dtype bfloat16]
+        [--max-shard-size 5GB]
+
+DIR is a training workdir (its latest checkpoint, or --step) or a `convert.from_hf` output. The
+folder gets `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards and
+`model.safetensors.index.json`), `generation_config.json` and the tokenizer when the checkpoint
+names one. Tensor names and transforms are `hf.export_tensor_map`'s: for fusion='viln'
+(`model_type: lavi`, read by `convert.torch_lavi`) the LLM as in Qwen2ForCausalLM /
+LlamaForCausalLM, the vision tower as SigLIP, the LLaVA projector, `frame_index.weight` and the
+conditioners under `conditioners.`; for fusion='concat' a LlavaForConditionalGeneration folder.
+
+Streaming: each shard's header is computed up front from the shapes, then its tensors are
+converted and written one at a time. Tensors are ordered by the parameter they come from, so a
+shard needs only its own parameters; those are restored from Orbax (as numpy arrays, no device
+copies) in groups of about 512 MiB and dropped once written. Peak host memory is therefore
+about one such group plus the largest parameter (a scanned LLM stacks all layers of one weight
+in one parameter), whatever the shard or model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import re
+import shutil
+import struct
+from typing import Any, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from lavi_jax import config as lavi_config
+from lavi_jax.convert import hf
+from lavi_jax.data import chat, pipeline
+from lavi_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from lavi_jax.inference.generator import TEMPLATE_OF_ARCH
+from lavi_jax.models import init_params
+from lavi_jax.train import checkpoint as ckpt_lib
+
+DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
+          'float16': np.dtype(np.float16)}
+_SAFETENSORS_CODES = {np.dtype(v): k for k, v in hf._SAFETENSORS_DTYPES.items()}
+READ_BYTES = 2 ** 29  # parameters restored together (512 MiB in their stored dtype)
+Path = tuple[str, ...]
+
+
+def parse_size(text: str) -> int:
+  """'5GB' -> 5 * 10**9 bytes (KB/MB/GB decimal, KiB/MiB/GiB binary, or a plain number)."""
+  match = re.fullmatch(r'\s*([\d.]+)\s*([KMG]i?B)?\s*', text, re.IGNORECASE)
+  if not match:
+    raise ValueError(f'max shard size {text!r}: expected a number with KB, MB, GB, KiB, ...')
+  unit = (match.group(2) or 'B').upper()
+  scale = {'B': 1, 'KB': 1e3, 'MB': 1e6, 'GB': 1e9, 'KIB': 2 ** 10, 'MIB': 2 ** 20,
+           'GIB': 2 ** 30}[unit]
+  return int(float(match.group(1)) * scale)
+
+
+class Source:
+  """The parameters of a checkpoint on disk, read a group of leaves at a time (numpy arrays).
+
+  Attributes: model (model config), run (the run config of a training workdir, else None),
+  shapes ({path: (shape, dtype)} as stored).
+  """
+
+  def __init__(self, path: str):
+    folder = epath.Path(path)
+    if (folder / 'model_config.json').exists():  # convert.from_hf output
+      self.model = lavi_config.from_json(json.loads((folder / 'model_config.json').read_text()))
+      self.run, self.directory, self.root = None, folder / 'params', ()
+    elif (folder / 'checkpoints').exists():
+      self.run, self.directory = ckpt_lib.find_checkpoint(path)
+      self.model, self.root = self.run.model, ('params',)
+    else:
+      raise FileNotFoundError(f'{path} is neither a convert.from_hf output (model_config.json) '
+                              'nor a training workdir (checkpoints/)')
+    self.path = path
+    tree = ocp.PyTreeCheckpointer().metadata(self.directory).item_metadata.tree
+    for key in self.root:
+      tree = tree[key]
+    self.shapes = {tuple(k): (tuple(v.shape), np.dtype(v.dtype))
+                   for k, v in _flatten(tree).items()}
+
+  def check(self):
+    """The stored parameters are exactly those of `LaVi(self.model)`, shapes included."""
+    try:
+      lavi_config.validate_model(self.model)
+    except lavi_config.ConfigError as e:
+      raise hf.ConversionError(f'{self.path}: the stored model config is invalid: {e}') from e
+    abstract = jax.eval_shape(lambda: nn.unbox(init_params(self.model, jax.random.key(0))))
+    expected = {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
+    name = lambda path: '/'.join(path)
+    problems = [f'missing {name(p)}' for p in sorted(set(expected) - set(self.shapes))]
+    problems += [f'unexpected {name(p)}' for p in sorted(set(self.shapes) - set(expected))]
+    problems += [f'{name(p)} is {self.shapes[p][0]}, the config gives {shape}'
+                 for p, shape in expected.items()
+                 if p in self.shapes and self.shapes[p][0] != shape]
+    if problems:
+      raise hf.ConversionError(f'{self.path}: the parameters do not match the stored model config '
+                               f'(model_config.json / the run config): '
+                               f'{hf._format_names(problems)}')
+
+  def read(self, paths: Iterable[Path]) -> dict[Path, np.ndarray]:
+    """The parameters at `paths`, restored together as numpy arrays."""
+    item, args = {}, {}
+    for path in paths:
+      node, arg_node = item, args
+      for key in self.root + path[:-1]:
+        node, arg_node = node.setdefault(key, {}), arg_node.setdefault(key, {})
+      node[path[-1]] = 0
+      arg_node[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    restored = ocp.PyTreeCheckpointer().restore(
+        self.directory, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                    partial_restore=True))
+    for key in self.root:
+      restored = restored[key]
+    return {tuple(k): v for k, v in _flatten(restored).items()}
+
+
+def _flatten(tree, prefix=()) -> dict[Path, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, prefix + (key,)))
+    else:
+      out[prefix + (key,)] = value
+  return out
+
+
+def plan_shards(entries: list[hf.Entry], dtype: np.dtype, max_bytes: int
+                ) -> list[list[hf.Entry]]:
+  """Entries grouped by the parameter they come from, cut into shards of at most `max_bytes`
+  (a larger tensor gets a shard of its own)."""
+  order = {}
+  for e in entries:
+    order.setdefault(e.path, len(order))
+  shards, size = [[]], 0
+  for e in sorted(entries, key=lambda e: order[e.path]):
+    n = math.prod(e.hf_shape) * dtype.itemsize
+    if shards[-1] and size + n > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += n
+  return shards
+
+
+def write_safetensors(file: pathlib.Path, specs: list[tuple[str, tuple[int, ...], np.dtype]],
+                      tensors: Iterable[np.ndarray]):
+  """Writes a safetensors file from (name, shape, dtype) `specs` and the `tensors` in that order,
+  one at a time: the header (offsets from the shapes) first, then each tensor as it comes."""
+  header, offset = {}, 0
+  for name, shape, dtype in specs:
+    size = math.prod(shape) * dtype.itemsize
+    header[name] = dict(dtype=_SAFETENSORS_CODES[dtype], shape=list(shape),
+                        data_offsets=[offset, offset + size])
+    offset += size
+  header['__metadata__'] = {'format': 'pt'}
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
+  with open(file, 'wb') as f:
+    f.write(struct.pack('<Q', len(raw)))
+    f.write(raw)
+    for (name, shape, dtype), x in zip(specs, tensors, strict=True):
+      if x.shape != tuple(shape) or x.dtype != dtype:
+        raise hf.ConversionError(f'{name}: got {x.shape} {x.dtype}, expected {shape} {dtype}')
+      f.write(np.ascontiguousarray(x).view(np.uint8).data)
+
+
+def write_weights(source: Source, out: pathlib.Path, dtype: np.dtype | None,
+                  max_bytes: int) -> dict[str, Any]:
+  """Writes the shards (and the index when there is more than one); returns the index.
+
+  Parameters are restored in groups of at most READ_BYTES (or one larger parameter) and dropped
+  once their last tensor is written.
+  """
+  entries = hf.export_tensor_map(source.model)
+  dtypes = {e.path: dtype or source.shapes[e.path][1] for e in entries}
+  shards = plan_shards(entries, max(dtypes.values(), key=lambda d: d.itemsize), max_bytes)
+  stored_bytes = lambda path: math.prod(source.shapes[path][0]) * source.shapes[path][1].itemsize
+  n = len(shards)
+  weight_map, total = {}, 0
+  for i, shard in enumerate(shards):
+    name = 'model.safetensors' if n == 1 else f'model-{i + 1:05d}-of-{n:05d}.safetensors'
+    paths = list(dict.fromkeys(e.path for e in shard))  # in the order they are used
+    last_use = {e.path: j for j, e in enumerate(shard)}
+
+    def tensors():
+      loaded, next_path, size = {}, 0, 0
+      for j, e in enumerate(shard):
+        if e.path not in loaded:  # restore the next group of parameters
+          group, size = [], 0
+          while next_path < len(paths) and (
+              not group or size + stored_bytes(paths[next_path]) <= READ_BYTES):
+            group.append(paths[next_path])
+            size += stored_bytes(paths[next_path])
+            next_path += 1
+          loaded.update(source.read(group))
+        leaf = loaded[e.path] if e.index is None else loaded[e.path][e.index]
+        yield hf.to_hf(e.kind, leaf, e.hf_shape).astype(dtypes[e.path])
+        if last_use[e.path] == j:
+          del loaded[e.path]
+
+    write_safetensors(out / name, [(e.hf_name, e.hf_shape, dtypes[e.path]) for e in shard],
+                      tensors())
+    for e in shard:
+      weight_map[e.hf_name] = name
+      total += math.prod(e.hf_shape) * dtypes[e.path].itemsize
+  index = dict(metadata=dict(total_size=total), weight_map=weight_map)
+  if n > 1:
+    (out / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2))
+  return index
+
+
+def export_config(model: ml_collections.ConfigDict, dtype: np.dtype,
+                  tokenizer: Tokenizer | None) -> dict[str, Any]:
+  """config.json: a LaVi config (model_type 'lavi') or, for fusion='concat', a LLaVA one; both
+  carry the whole LaVi model config as `lavi_config`."""
+  text, vision = hf.hf_text_config(model), hf.hf_vision_config(model)
+  if tokenizer is not None:
+    text.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                pad_token_id=tokenizer.pad_id)
+  layers = list(model.vision.feature_layers)
+  common = dict(text_config=text, vision_config=vision,
+                vision_feature_layer=layers[0] if len(layers) == 1 else layers,
+                tie_word_embeddings=model.llm.tie_word_embeddings, dtype=dtype.name,
+                lavi_config=json.loads(model.to_json_best_effort()))
+  if model.fusion == 'concat':
+    side = model.vision.image_size // model.vision.patch_size
+    return dict(model_type='llava', architectures=['LlavaForConditionalGeneration'],
+                image_token_index=model.image_token_id, vision_feature_select_strategy='full',
+                projector_hidden_act='gelu', multimodal_projector_bias=True,
+                image_seq_length=side * side, **common)
+  return dict(model_type='lavi', architectures=['LaViForConditionalGeneration'],
+              image_token_id=model.image_token_id, video_token_id=model.video_token_id,
+              **common)
+
+
+def find_tokenizer(source: Source) -> tuple[Tokenizer | None, pathlib.Path | None]:
+  """(tokenizer, its SentencePiece file or None): the run's data.tokenizer, else a
+  tokenizer.json / tokenizer.model in a convert.from_hf folder, else (None, None)."""
+  if source.run is not None:
+    where = source.run.data.tokenizer
+    tokenizer = pipeline.make_tokenizer(source.run.data)
+  else:
+    where = source.path
+    try:
+      tokenizer = load_tokenizer(where)
+    except FileNotFoundError:
+      return None, None
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    file = pathlib.Path(where)
+    return tokenizer, file / 'tokenizer.model' if file.is_dir() else file
+  return tokenizer, None
+
+
+def write_tokenizer(out: pathlib.Path, tokenizer: Tokenizer,
+                    sentencepiece_file: pathlib.Path | None):
+  """tokenizer.json (placeholders included) or tokenizer.model, and tokenizer_config.json."""
+  if isinstance(tokenizer, HFTokenizer):
+    tokenizer.save(out / 'tokenizer.json')
+    token = tokenizer.tokenizer.id_to_token
+    tokenizer_class = 'PreTrainedTokenizerFast'
+  else:
+    shutil.copyfile(sentencepiece_file, out / 'tokenizer.model')
+    token = tokenizer.processor.id_to_piece
+    tokenizer_class = 'LlamaTokenizer'
+  names = {f'{key}_token': token(i) for key, i in (('bos', tokenizer.bos_id),
+                                                    ('eos', tokenizer.eos_id),
+                                                    ('pad', tokenizer.pad_id)) if i is not None}
+  (out / 'tokenizer_config.json').write_text(json.dumps(dict(tokenizer_class=tokenizer_class,
+                                                             **names), indent=2))
+
+
+def generation_config(model: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                      run: ml_collections.ConfigDict | None) -> dict[str, Any]:
+  """Stop ids (eos and the chat template's end of answer), pad and bos; greedy by default."""
+  template = chat.get_template(run.data.chat_template if run is not None
+                               else TEMPLATE_OF_ARCH[model.llm.arch])
+  stops = sorted({i for i in (tokenizer.find_id(chat.end_of_answer(template)), tokenizer.eos_id)
+                  if i is not None})
+  return dict(bos_token_id=tokenizer.bos_id, eos_token_id=stops, pad_token_id=tokenizer.pad_id,
+              do_sample=False)
+
+
+def export(checkpoint: str, out_dir: str, dtype: str | None = None,
+           max_shard_size: str | int = '5GB') -> dict[str, Any]:
+  """Converts `checkpoint` into `out_dir` (see the module docstring); returns the index."""
+  source = Source(checkpoint)
+  source.check()
+  target = DTYPES[dtype] if dtype else None
+  max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  tokenizer, sentencepiece_file = find_tokenizer(source)
+  stored = np.dtype(target or source.shapes[('llm', 'embed_tokens', 'embedding')][1])
+  config = export_config(source.model, stored, tokenizer)
+  index = write_weights(source, out, target, max_bytes)
+  (out / 'config.json').write_text(json.dumps(config, indent=2))
+  if tokenizer is not None:
+    write_tokenizer(out, tokenizer, sentencepiece_file)
+    (out / 'generation_config.json').write_text(
+        json.dumps(generation_config(source.model, tokenizer, source.run), indent=2))
+  return index
+
+
+def main(argv: Sequence[str] | None = None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--checkpoint', required=True,
+                      help='training workdir or convert.from_hf output')
+  parser.add_argument('--out', required=True, help='output folder')
+  parser.add_argument('--dtype', choices=sorted(DTYPES), help='tensor dtype (default: as stored)')
+  parser.add_argument('--max-shard-size', default='5GB', help='e.g. 5GB, 500MB, 2GiB')
+  args = parser.parse_args(argv)
+  index = export(args.checkpoint, args.out, args.dtype, args.max_shard_size)
+  files = sorted(set(index['weight_map'].values()))
+  print(f'Wrote {len(index["weight_map"])} tensors ({index["metadata"]["total_size"] / 1e9:.3f} '
+        f'GB) in {len(files)} file(s) to {args.out}')
+
+
+if __name__ == '__main__':
+  main()
