@@ -1,6 +1,7 @@
 """`python -m lavi_jax.eval` end to end on a tiny random model and tiny dataset exports written
 here: Parquet with embedded photos (MME, MMBench), JSONL with photo paths (POPE, TextVQA),
-a JSON list with videos (MVBench) and video frames given as images (SEED-Bench)."""
+a JSON list with videos (MVBench) and video frames given as images (SEED-Bench); and a
+benchmark run during training."""
 
 import io
 import json
@@ -15,6 +16,7 @@ from PIL import Image
 from lavi_jax.convert import from_hf
 from lavi_jax.data import synthetic
 from lavi_jax.eval import __main__ as cli
+from lavi_jax.train import loop
 from tests.data_files import write_photos, write_video
 from tests.helpers import random_params, tiny_config
 
@@ -42,8 +44,8 @@ def write_parquet(path, records):
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp('eval')
   config = tiny_config(**{'vision.image_size': 32, 'llm.vocab_size': 96})
-  from_hf.save_converted(root / 'model', config.model,
-                         jax.tree.map(jnp.copy, random_params(config.model)))
+  params = random_params(config.model)
+  from_hf.save_converted(root / 'model', config.model, jax.tree.map(jnp.copy, params))
   synthetic.synthetic_tokenizer().save(root / 'model' / 'tokenizer.json')
   photos = write_photos(root / 'data' / 'photos')
   data = root / 'data'
@@ -84,7 +86,7 @@ def files(tmp_path_factory):
            choice_c='c', choice_d='d', answer='A', data_type='video', image=frames),
       dict(question_id='s1', question='What is it?', choice_a='a', choice_b='b',
            choice_c='c', choice_d='d', answer='B', data_type='image', image=[frames[0]])])
-  return dict(model=str(root / 'model'), data=str(data), root=root)
+  return dict(model=str(root / 'model'), params=params, data=str(data), root=root)
 
 
 def test_eval_cli_writes_results_and_samples(files, capsys):
@@ -140,3 +142,14 @@ def test_eval_cli_names_a_bad_record(files, tmp_path, capsys):
   assert cli.main(['--checkpoint', files['model'], '--tasks', 'gqa', '--data-dir',
                    str(tmp_path)]) == 1
   assert 'no gqa/testdev{.parquet,.jsonl,.json}' in capsys.readouterr().err
+
+
+def test_benchmarks_during_training(files):
+  """The train loop's hook (config.eval) on the fixture model: headline metrics by name."""
+  config = tiny_config(**{'vision.image_size': 32, 'llm.vocab_size': 96})
+  assert loop._periodic_eval(config) is None  # off by default
+  config.eval.update(tasks='pope_random,mme', every=2, data_dir=files['data'], limit=2,
+                     batch_size=4, max_len=160, max_new_tokens=2)
+  metrics = loop._periodic_eval(config)(files['params'])
+  assert set(metrics) == {'eval/pope_random/pope_f1_score', 'eval/mme/mme_percetion_score'}
+  assert 0 <= metrics['eval/pope_random/pope_f1_score'] <= 1
