@@ -34,7 +34,7 @@ def test_mme_scores_image_pairs_with_acc_plus():
   assert scores == {'mme_percetion_score': 125.0, 'mme_cognition_score': 200.0}
   assert tasks.MME.prompt(doc('x', 'count', 'Yes')) == \
       'Is it?\nAnswer the question using a single word or phrase.'
-  with pytest.raises(ValueError, match="image 'c1.png'"):
+  with pytest.raises(DataError, match="image 'c1.png'"):
     run(tasks.MME, [(doc('c1.png', 'count', 'Yes'), 'yes')])
 
 

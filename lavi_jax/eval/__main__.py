@@ -21,7 +21,8 @@ from lavi_jax.inference.generator import Generator
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser = argparse.ArgumentParser(prog='python -m lavi_jax.eval',
+                                   description=__doc__.split('\n\n')[0])
   parser.add_argument('--checkpoint', required=True,
                       help='convert.from_hf output folder or training workdir')
   parser.add_argument('--tasks', required=True, help='comma-separated lmms-eval task names; '

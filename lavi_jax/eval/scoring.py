@@ -12,6 +12,7 @@ import string
 from collections import defaultdict
 from typing import Any, Sequence
 
+from lavi_jax.data.errors import DataError
 from lavi_jax.eval.vqa_normalize import process_punctuation
 
 # MME (lmms_eval/tasks/mme/utils.py): the categories summed into each score.
@@ -47,8 +48,8 @@ def mme_score(results: Sequence[dict[str, Any]]) -> float:
     scores = []
     for image, pair in images.items():
       if len(pair) != 2:
-        raise ValueError(f'MME scores question pairs, but image {image!r} ({category}) has '
-                         f'{len(pair)} questions')
+        raise DataError(f'MME scores question pairs, but image {image!r} ({category}) has '
+                        f'{len(pair)} questions (a --limit must keep both of an image)')
       scores.append(sum(pair) / 2 * 100 + (sum(pair) == 2) * 100)
     total += sum(scores) / len(scores)
   return total
