@@ -93,7 +93,7 @@ def test_eval_cli_writes_results_and_samples(files, capsys):
   out = files['root'] / 'out'
   assert cli.main(['--checkpoint', files['model'], '--tasks', TASKS, '--data-dir',
                    files['data'], '--output-dir', str(out), '--max-new-tokens', '2',
-                   '--batch-size', '4', '--num-frames', '2', '--max-len', '160']) == 0
+                   '--batch-size', '1', '--num-frames', '2', '--max-len', '160']) == 0
   assert 'results.json' in capsys.readouterr().out
   results = json.loads((out / 'results.json').read_text())
   assert set(results) >= {'results', 'configs', 'versions', 'n-samples', 'config', 'date'}
