@@ -147,6 +147,15 @@ def base_config() -> ml_collections.ConfigDict:
           keep_every=0,  # ... plus every K-th step (0: none)
           async_save=True,
       ),
+      eval=dict(  # benchmarks during training (lavi_jax/eval; lmms-eval task names)
+          tasks='',  # e.g. 'pope_random,mme'; '' = none
+          every=0,  # steps between runs (0: off); headline metrics go to the metrics log
+          data_dir='',  # the dataset exports (README, "Evaluation")
+          limit=0,  # first N records per task (0: all)
+          batch_size=8,  # requests decoded together
+          max_len=2048,  # cache slots per request: prompt and answer together
+          max_new_tokens=0,  # cap on the tasks' generation limits (0: theirs)
+      ),
       init_from='',  # a convert.from_hf output directory to start from
       seed=0,
       dry_run=False,

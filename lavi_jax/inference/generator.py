@@ -68,15 +68,16 @@ class Generator:
 
   max_len: cache slots per request, prompt and answer together (for fusion='concat' the prompt's
   visual tokens count too); an answer that reaches it ends with finish_reason 'length'.
+  num_frames: frames sampled per video (default: data.num_frames, else DEFAULT_NUM_FRAMES).
   """
 
   def __init__(self, model: ml_collections.ConfigDict, params, tokenizer: Tokenizer,
                chat_template: str = 'chatml', data: ml_collections.ConfigDict | None = None,
                max_len: int = 4096, batch_size: int = 8,
-               sampling: SamplingParams = SamplingParams()):
+               sampling: SamplingParams = SamplingParams(), num_frames: int = 0):
     data = ml_collections.ConfigDict((data or lavi_config.base_data_config()).to_dict())
     data.chat_template = chat_template
-    data.num_frames = data.num_frames or DEFAULT_NUM_FRAMES
+    data.num_frames = num_frames or data.num_frames or DEFAULT_NUM_FRAMES
     config = ml_collections.ConfigDict(dict(model=model, data=data))
     pipeline.check_tokenizer(config, tokenizer)
     self.model, self.params, self.tokenizer = model, params, tokenizer

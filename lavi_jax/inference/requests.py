@@ -21,17 +21,20 @@ import numpy as np
 from lavi_jax import config as lavi_config
 from lavi_jax.data import chat
 from lavi_jax.data.errors import DataError
+from lavi_jax.data.image import ImageRef
 from lavi_jax.data.sample import ExampleSpec, check_items, load_visual
 from lavi_jax.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, Tokenizer
+from lavi_jax.data.video import VideoRef
 from lavi_jax.inference.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """A prompt with optional image paths and video path; `sampling` None: the defaults."""
+  """A prompt with optional images and video (paths, or encoded bytes / uint8 frames as
+  `data.image.ImageRef` / `data.video.VideoRef`); `sampling` None: the defaults."""
   prompt: str
-  images: tuple[str, ...] = ()
-  video: str | None = None
+  images: tuple[ImageRef, ...] = ()
+  video: VideoRef | None = None
   id: str = ''
   sampling: SamplingParams | None = None
 

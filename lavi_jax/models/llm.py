@@ -190,7 +190,7 @@ class LLM(nn.Module):
       period = modulation_period(pattern)
       block = remat(DecoderBlock, cfg.remat, prevent_cse=False)
       self.layers = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True},
+          block, variable_axes={'params': 0, 'intermediates': 0}, split_rngs={'params': True},
           in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=n // period,
           metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, pattern[:period])
       self.period = period

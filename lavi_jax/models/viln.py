@@ -187,4 +187,8 @@ class ViLN(nn.Module):
     if not self.modulated or cond is None:
       return scale.astype(h.dtype) * x.astype(h.dtype)
     dg, db = Conditioner(self.config, name='conditioner')(x.astype(h.dtype), cond, group)
+    # Per-token size of the deltas, (B, T, 2): RMS over the width of dg and db. Kept only when
+    # the 'intermediates' collection is mutable (lavi_jax/eval/modulation.py).
+    rms = lambda d: jnp.sqrt(jnp.mean(jnp.square(d), axis=-1))
+    self.sow('intermediates', 'delta_rms', jnp.stack([rms(dg), rms(db)], axis=-1))
     return ((scale.astype(jnp.float32) + dg) * x + db).astype(h.dtype)

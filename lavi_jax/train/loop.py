@@ -93,6 +93,7 @@ class Trainer:
     self.state, self.optimizer_stage = self._initial_state()
     self.writer = MetricsWriter(workdir)
     self._compiled: dict[int, Callable] = {}
+    self.benchmarks = _periodic_eval(config)
 
   def _initial_state(self):
     latest = self.checkpointer.latest_step()
@@ -172,7 +173,8 @@ class Trainer:
       end_of_stage = step == stage.end
       save_now = (end_of_stage or step % self.config.checkpoint.every == 0 or stop.requested
                   or self.checkpointer.reached_preemption(step))
-      if step % self.config.train.log_every == 0 or save_now:
+      eval_now = self.benchmarks is not None and step % self.config.eval.every == 0
+      if step % self.config.train.log_every == 0 or save_now or eval_now:
         fetched = jax.device_get(pending)
         bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched)
                if not np.isfinite(m['loss'])]
@@ -183,6 +185,8 @@ class Trainer:
         elapsed = time.perf_counter() - window_start
         summary = _summarise(fetched, elapsed, step_flops, devices, peak)
         summary['stage'] = stage.name
+        if eval_now:
+          summary.update(self.benchmarks(self.state.params))
         self.writer.write(step, summary)
         progress.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.2f}')
         pending, window_start = [], time.perf_counter()
@@ -191,6 +195,29 @@ class Trainer:
       if stop.requested:
         break
     return step
+
+
+def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] | None:
+  """config.eval: params -> {'eval/TASK/METRIC': headline value}, or None when off."""
+  if not (config.eval.tasks and config.eval.every > 0):
+    return None
+  if jax.process_count() > 1:
+    logging.warning('Benchmarks during training run single-process only; skipped.')
+    return None
+  from lavi_jax.eval import runner, tasks  # pylint: disable=import-outside-toplevel
+  from lavi_jax.inference.generator import Generator  # pylint: disable=import-outside-toplevel
+  selected = tasks.resolve(config.eval.tasks)
+  tokenizer = pipeline.make_tokenizer(config.data)
+
+  def run(params) -> dict[str, float]:
+    generator = Generator(config.model, params, tokenizer, config.data.chat_template,
+                          config.data, max_len=config.eval.max_len,
+                          batch_size=config.eval.batch_size)
+    outputs = runner.evaluate(generator, selected, config.eval.data_dir, config.eval.limit,
+                              config.eval.max_new_tokens)
+    return runner.headline_metrics(outputs)
+
+  return run
 
 
 def _summarise(fetched: list[dict], elapsed: float, step_flops: float, devices: int,

@@ -1,0 +1,69 @@
+"""Evaluates a LaVi checkpoint on benchmarks, with lmms-eval's prompts and scoring.
+
+    python -m lavi_jax.eval --checkpoint DIR --tasks pope,mme,mmbench_en_dev --data-dir DATA
+
+DIR is a `convert.from_hf` output or a training workdir; DATA holds the local dataset exports
+(README, "Evaluation"). Writes results.json and samples.jsonl (lmms-eval's layout) to
+--output-dir and prints each task's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from lavi_jax.data.errors import DataError
+from lavi_jax.eval import runner, tasks
+from lavi_jax.inference.generator import Generator
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m lavi_jax.eval',
+                                   description=__doc__.split('\n\n')[0])
+  parser.add_argument('--checkpoint', required=True,
+                      help='convert.from_hf output folder or training workdir')
+  parser.add_argument('--tasks', required=True, help='comma-separated lmms-eval task names; '
+                      f'known: {", ".join(list(tasks.TASKS) + list(tasks.GROUPS))}')
+  parser.add_argument('--data-dir', required=True, help='folder of the dataset exports')
+  parser.add_argument('--output-dir', help='default: CHECKPOINT/eval')
+  parser.add_argument('--limit', type=int, default=0, help='first N records per task (0: all)')
+  parser.add_argument('--batch-size', type=int, default=8, help='requests decoded together')
+  parser.add_argument('--max-len', type=int, default=4096,
+                      help='cache slots per request: prompt and answer together')
+  parser.add_argument('--max-new-tokens', type=int, default=0,
+                      help='cap on every task\'s generation limit (0: the tasks\' own)')
+  parser.add_argument('--num-frames', type=int, default=0,
+                      help='frames sampled uniformly per video (default: the run\'s, else 8)')
+  parser.add_argument('--tokenizer', help='tokenizer.json / .model / folder (default: the '
+                      'training run\'s, else the one in the checkpoint folder)')
+  parser.add_argument('--chat-template', help='chatml or vicuna_v1')
+  args = parser.parse_args(argv)
+  try:
+    selected = tasks.resolve(args.tasks)
+  except ValueError as e:
+    parser.error(str(e))
+  generator = Generator.load(args.checkpoint, tokenizer=args.tokenizer,
+                             chat_template=args.chat_template, max_len=args.max_len,
+                             batch_size=args.batch_size, num_frames=args.num_frames)
+  try:
+    outputs = runner.evaluate(generator, selected, args.data_dir, args.limit,
+                              args.max_new_tokens)
+  except (DataError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  config = dict(model='lavi_jax', model_args=f'checkpoint={args.checkpoint}',
+                batch_size=args.batch_size, limit=args.limit or None,
+                max_new_tokens=args.max_new_tokens or None,
+                num_frames=generator.spec.num_frames, chat_template=generator.template.name)
+  output_dir = args.output_dir or os.path.join(args.checkpoint, 'eval')
+  results = runner.write(output_dir, outputs, config)
+  print(json.dumps(results['results'], indent=2))
+  print(f'Wrote {output_dir}/results.json and samples.jsonl')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

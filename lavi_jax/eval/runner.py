@@ -1,0 +1,158 @@
+"""Runs benchmark tasks with a `Generator` and writes lmms-eval's output layout.
+
+- `results.json`: {'results': {task: {'alias', 'METRIC,none', 'METRIC_stderr,none'}},
+  'configs', 'versions', 'n-shot', 'higher_is_better', 'n-samples', 'config', 'date'}.
+- `samples.jsonl` (lmms-eval: `{task}.jsonl` per task; here one file, each line naming its
+  `task`): doc_id, doc (without images), target, arguments, resps, filtered_resps, and the
+  per-sample values of each metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from typing import Any, Iterable
+
+from absl import logging
+
+from lavi_jax.data.errors import DataError
+from lavi_jax.eval import datasets
+from lavi_jax.eval.tasks import Task
+from lavi_jax.inference.generator import Generator
+from lavi_jax.inference.requests import Request
+from lavi_jax.inference.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class TaskOutput:
+  """One task's aggregated metrics and per-sample records."""
+  task: Task
+  metrics: dict[str, Any]
+  samples: list[dict[str, Any]]
+  n_total: int  # records in the data file read (--limit truncates)
+  seconds: float
+
+
+def _json_doc(doc: dict[str, Any]) -> dict[str, Any]:
+  """The record without its images/videos (bytes), as lmms-eval logs docs."""
+  keep = lambda v: not isinstance(v, (bytes, bytearray)) and not (
+      isinstance(v, dict) and isinstance(v.get('bytes'), (bytes, bytearray)))
+  return {k: v for k, v in doc.items()
+          if keep(v) and not (isinstance(v, list) and v and not all(keep(x) for x in v))}
+
+
+def run_task(generator: Generator, task: Task, data_dir: str, limit: int = 0,
+             max_new_tokens: int = 0) -> TaskOutput:
+  """Answers a task's records greedily in batches and scores them.
+
+  max_new_tokens: > 0 caps the task's generation limit (for quick runs). Raises DataError
+  naming the data file, record and field when a record cannot be used.
+  """
+  start = time.perf_counter()
+  path = datasets.find_data_file(data_dir, task.data)
+  root = os.path.dirname(path)
+  docs = datasets.read_records(path, limit)
+  new_tokens = min(task.max_new_tokens, max_new_tokens) if max_new_tokens else \
+      task.max_new_tokens
+  sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+  requests = []
+  for i, doc in enumerate(docs):
+    with _naming(path, i):
+      images, video = task.visual(doc, root)
+      requests.append(Request(task.prompt(doc), images=images, video=video,
+                              id=f'{path} record {i}', sampling=sampling))
+  results = generator.generate(requests)
+  samples, per_metric = [], {m: [] for m in task.metrics}
+  for i, (doc, request, result) in enumerate(zip(docs, requests, results)):
+    if result.error:
+      raise DataError(result.error)
+    with _naming(path, i):
+      scores = task.process(doc, result.text)
+      target = task.target(doc)
+    for metric, value in scores.items():
+      per_metric[metric].append(value)
+    generation = dict(max_new_tokens=new_tokens, temperature=0, do_sample=False)
+    samples.append(dict(
+        doc_id=i, doc=_json_doc(doc), target=target,
+        arguments={'gen_args_0': {'arg_0': request.prompt, 'arg_1': generation}},
+        resps=[[result.text]], filtered_resps=[result.text], **scores))
+  metrics = {m: aggregate(per_metric[m]) for m, aggregate in task.metrics.items()
+             if per_metric[m]}
+  return TaskOutput(task, metrics, samples, len(docs), time.perf_counter() - start)
+
+
+class _naming:
+  """Re-raises a missing field or bad value as a DataError naming the file and record."""
+
+  def __init__(self, path: str, index: int):
+    self.where = f'{path} record {index}'
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    if isinstance(error, KeyError):
+      raise DataError(f'{self.where}: missing field {error}') from error
+    if isinstance(error, (DataError, TypeError, ValueError, IndexError)):
+      raise DataError(f'{self.where}: {error}') from error
+    return False
+
+
+def evaluate(generator: Generator, tasks: Iterable[Task], data_dir: str, limit: int = 0,
+             max_new_tokens: int = 0) -> list[TaskOutput]:
+  outputs = []
+  for task in tasks:
+    output = run_task(generator, task, data_dir, limit, max_new_tokens)
+    logging.info('%s: %s (%d samples, %.0f s)', task.name, output.metrics,
+                 len(output.samples), output.seconds)
+    outputs.append(output)
+  return outputs
+
+
+def results_json(outputs: list[TaskOutput], config: dict[str, Any]) -> dict[str, Any]:
+  """lmms-eval's results.json for the outputs; `config` holds the model and run arguments."""
+  results, configs = {}, {}
+  for out in outputs:
+    t = out.task
+    results[t.name] = {'alias': t.name}
+    for metric, value in out.metrics.items():
+      results[t.name][f'{metric},none'] = value
+      results[t.name][f'{metric}_stderr,none'] = 'N/A'
+    configs[t.name] = dict(task=t.name, data_file=t.data, output_type='generate_until',
+                           generation_kwargs=dict(max_new_tokens=t.max_new_tokens,
+                                                  temperature=0, do_sample=False),
+                           metric_list=[dict(metric=m, higher_is_better=True)
+                                        for m in t.metrics])
+  return {
+      'results': results,
+      'configs': configs,
+      'versions': {o.task.name: 0.0 for o in outputs},
+      'n-shot': {o.task.name: 0 for o in outputs},
+      'higher_is_better': {o.task.name: {m: True for m in o.task.metrics} for o in outputs},
+      'n-samples': {o.task.name: {'original': o.n_total, 'effective': len(o.samples)}
+                    for o in outputs},
+      'config': config,
+      'date': datetime.datetime.now().strftime('%Y%m%d_%H%M%S'),
+  }
+
+
+def write(output_dir: str, outputs: list[TaskOutput], config: dict[str, Any]) -> dict[str, Any]:
+  """Writes results.json and samples.jsonl to `output_dir`; returns the results."""
+  os.makedirs(output_dir, exist_ok=True)
+  results = results_json(outputs, config)
+  with open(os.path.join(output_dir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2, default=str)
+  with open(os.path.join(output_dir, 'samples.jsonl'), 'w') as f:
+    for out in outputs:
+      for sample in out.samples:
+        f.write(json.dumps(dict(task=out.task.name, **sample), default=str) + '\n')
+  return results
+
+
+def headline_metrics(outputs: list[TaskOutput]) -> dict[str, float]:
+  """{'eval/{task}/{headline metric}': value}, for training logs."""
+  return {f'eval/{o.task.name}/{o.task.headline}': float(o.metrics[o.task.headline])
+          for o in outputs if o.task.headline in o.metrics}

@@ -1,0 +1,149 @@
+"""Benchmark scoring on crafted predictions, against scores worked out by hand."""
+
+import pytest
+
+from lavi_jax.data.errors import DataError
+from lavi_jax.eval import scoring, tasks
+from lavi_jax.eval.vqa_normalize import normalize_answer, textvqa_accuracy, vqav2_accuracy
+
+
+def run(task, docs_and_responses):
+  """Per-sample process, then each metric's aggregation (as the runner does)."""
+  per_metric = {m: [] for m in task.metrics}
+  for doc, response in docs_and_responses:
+    for metric, value in task.process(doc, response).items():
+      per_metric[metric].append(value)
+  return {m: agg(per_metric[m]) for m, agg in task.metrics.items() if per_metric[m]}
+
+
+def test_mme_scores_image_pairs_with_acc_plus():
+  doc = lambda image, category, answer: dict(question_id=image, category=category,
+                                             answer=answer, question='Is it? Please answer yes or no.')
+  scores = run(tasks.MME, [
+      # existence: image 1 both right (acc 100 + acc+ 100 = 200), image 2 one right (50 + 0)
+      (doc('e1.png', 'existence', 'Yes'), 'Yes'), (doc('e1.png', 'existence', 'No'), 'no.'),
+      (doc('e2.png', 'existence', 'Yes'), 'yes, there is'), (doc('e2.png', 'existence', 'No'),
+                                                             'Yes'),
+      # count: one image, neither right ('maybe' is other) -> 0
+      (doc('c1.png', 'count', 'Yes'), 'maybe'), (doc('c1.png', 'count', 'No'), 'y'),
+      # code_reasoning (cognition): both right -> 200
+      (doc('k1.png', 'code_reasoning', 'No'), 'No'), (doc('k1.png', 'code_reasoning', 'Yes'),
+                                                      'Y'),
+  ])
+  # perception = existence (200 + 50) / 2 + count 0 = 125
+  assert scores == {'mme_percetion_score': 125.0, 'mme_cognition_score': 200.0}
+  assert tasks.MME.prompt(doc('x', 'count', 'Yes')) == \
+      'Is it?\nAnswer the question using a single word or phrase.'
+  with pytest.raises(DataError, match="image 'c1.png'"):
+    run(tasks.MME, [(doc('c1.png', 'count', 'Yes'), 'yes')])
+
+
+def test_pope_matches_exactly():
+  task = tasks.TASKS['pope_adv']
+  doc = lambda answer: dict(question_id='q', answer=answer, question='Is there a dog?')
+  scores = run(task, [(doc('yes'), 'Yes'), (doc('yes'), 'Yes.'), (doc('yes'), 'no'),
+                      (doc('no'), 'yes'), (doc('no'), ' No '), (doc('no'), 'No, there is not')])
+  # right: 'Yes', ' No ' -> 2 of 6. tp 1 ('Yes'), fp 1, fn 1 ('no'); 'Yes.' and the sentence
+  # count as neither.
+  assert scores['pope_accuracy'] == pytest.approx(2 / 6)
+  assert scores['pope_precision'] == 0.5 and scores['pope_recall'] == 0.5
+  assert scores['pope_f1_score'] == 0.5
+  assert scores['pope_yes_ratio'] == 0.5  # lmms-eval: share of 'yes' ground truths
+  assert task.data == 'pope/adversarial' and task.max_new_tokens == 128
+  with pytest.raises(DataError, match='yes or no'):
+    run(task, [(doc('maybe'), 'yes')])
+
+
+def test_mmbench_circular_groups_and_rule_based_extraction():
+  base = dict(question='Which animal?', hint=None, category='c1', **{'l2-category': 'l2'})
+  options = dict(A='cat', B='dog', C='bird', D='fish')
+  shifted = dict(A='dog', B='bird', C='fish', D='cat')
+  docs = [
+      (dict(base, index=1, answer='A', **options), 'A'),
+      (dict(base, index=1_000_001, answer='D', **shifted), 'The answer is (D).'),
+      (dict(base, index=2, answer='B', **options), 'B'),
+      (dict(base, index=1_000_002, answer='A', **shifted), 'a dog'),  # text -> A: right
+      (dict(base, index=2_000_002, answer='D', **shifted), 'C'),  # one shift wrong
+      (dict(base, index=3, answer='C', category='c2', **options), 'I think it is a bird'),
+  ]
+  # groups: 1 all right; 2 has a wrong shift; 3 'bird' (text only, 'A' is an article) right
+  assert run(tasks.MMBENCH, docs) == {'mmbench_circular': pytest.approx(200 / 3)}
+  samples = [tasks.MMBENCH.process(d, r)['mmbench_circular'] for d, r in docs]
+  assert [s['extracted'] for s in samples] == ['A', 'D', 'B', 'A', 'C', 'C']
+  assert scoring.mmbench_circular_by(samples, 'category') == {'c1': 50.0, 'c2': 100.0}
+  assert scoring.mmbench_extract('cat or dog', options) is None
+  assert tasks.MMBENCH.prompt(dict(docs[0][0], hint='Look.')) == (
+      "Look. Which animal? There are several options:\nA. cat\nB. dog\nC. bird\nD. fish\n\n"
+      "Answer with the option's letter from the given choices directly.")
+
+
+def test_vqa_normalisation():
+  assert normalize_answer('Two dogs.') == '2 dogs'
+  assert normalize_answer("The man's hat!") == "man 's hat"
+  assert normalize_answer('dont know') == "don't know"
+  assert normalize_answer('1,000') == '1000'
+  assert normalize_answer('red-white') == 'red white'
+
+
+def test_vqa_accuracy_over_ten_answers():
+  answers = ['2'] * 3 + ['two'] + ['3'] * 6
+  # textvqa normalises every answer: '2' x4, '3' x6. Predicting 'two': leaving out one of the
+  # four '2's leaves 3 matches (1.0); leaving out a '3' leaves 4 (1.0) -> 1.0.
+  assert textvqa_accuracy('Two', answers) == 1.0
+  # vqav2: the humans disagree, so their answers get digits too: same 4 x '2' -> 1.0
+  assert vqav2_accuracy('Two', answers) == 1.0
+  two = ['yes', 'yes'] + ['no'] * 8
+  # 'yes': leaving out a 'yes' leaves 1 match (1/3), leaving out a 'no' leaves 2 (2/3):
+  # (2 * 1/3 + 8 * 2/3) / 10 = 0.6
+  assert textvqa_accuracy('Yes', two) == pytest.approx(0.6)
+  assert vqav2_accuracy('yes.', two) == pytest.approx(0.6)
+  # all humans agree: vqav2 compares the raw (cleaned) answer with the normalised prediction
+  assert vqav2_accuracy('a dog', ['dog'] * 10) == 1.0
+  assert vqav2_accuracy('the Dog', ['the dog'] * 10) == 0.0
+  scores = run(tasks.VQAV2, [(dict(question='How many?', question_id=1,
+                                   answers=[dict(answer=a, answer_id=i)
+                                            for i, a in enumerate(two)]), 'no')])
+  assert scores == {'exact_match': pytest.approx(1.0)}
+
+
+def test_short_answer_and_choice_tasks():
+  assert run(tasks.GQA, [(dict(question='q', answer='Left'), 'left.'),
+                         (dict(question='q', answer='red'), 'red car')]) == {'exact_match': 0.5}
+  sqa = dict(question='Which?', hint='', choices=['x', 'y', 'z'], answer=2)
+  assert tasks.SCIENCEQA.prompt(sqa) == (
+      "Which?\nA. x\nB. y\nC. z\nAnswer with the option's letter from the given choices "
+      'directly.')
+  assert run(tasks.SCIENCEQA, [(sqa, 'C'), (sqa, 'C. z'), (sqa, 'c'), (sqa, 'The answer is C')]) \
+      == {'exact_match': 0.5}
+  seed = lambda kind, answer: dict(question='q', choice_a='a', choice_b='b', choice_c='c',
+                                   choice_d='d', answer=answer, data_type=kind, question_id=0)
+  # SEED-Bench takes the first character: 'Because' answers B
+  assert run(tasks.SEEDBENCH, [(seed('image', 'A'), 'A'), (seed('image', 'C'), 'Because'),
+                               (seed('video', 'C'), ' C.')]) == \
+      {'seed_image': 0.5, 'seed_video': 1.0, 'seed_all': pytest.approx(2 / 3)}
+  mme = dict(question='q', options=['A. x', 'B. y', 'C. z', 'D. w'], question_id='1',
+             videoID='v', duration='short', domain='d', sub_category='s', task_type='t')
+  assert run(tasks.VIDEOMME, [(dict(mme, answer='B'), 'The best answer is B'),
+                              (dict(mme, answer='A'), 'I am not sure about this one at all, '
+                                                      'it could be anything really'),
+                              (dict(mme, answer='C'), 'D'), (dict(mme, answer='D'), 'D.')]) == \
+      {'videomme_perception_score': 50.0}
+
+
+def test_mvbench_letters_and_answered_samples():
+  task = tasks.TASKS['mvbench_action_count']
+  doc = dict(question='How many?', candidates=['1', '2', '3'], answer='2', video='x.mp4')
+  assert task.prompt(doc) == ("Question:How many?\nOption:\n(A) 1\n(B) 2\n(C) 3\n"
+                              "Answer with the option's letter from the given choices directly.")
+  # '(B) 2' -> B right, 'B. two' -> B right, 'A' wrong, '' unanswered (not counted)
+  assert run(task, [(doc, '(B) 2'), (doc, 'B. two'), (doc, 'A'), (doc, '')]) == \
+      {'mvbench_accuracy': pytest.approx(200 / 3)}
+  with pytest.raises(DataError, match='not one of the candidates'):
+    task.target(dict(doc, answer='4'))
+
+
+def test_resolve_expands_groups():
+  names = [t.name for t in tasks.resolve('mme, mvbench,mme')]
+  assert names[0] == 'mme' and len(names) == 21 and names[1] == 'mvbench_object_interaction'
+  with pytest.raises(ValueError, match="unknown task 'nope'"):
+    tasks.resolve('nope')
