@@ -18,7 +18,7 @@ def photo(tmp_path_factory):
 
 
 @pytest.mark.parametrize('overrides', [
-    {'viln.every': 2, 'viln.sublayers': ('attn', 'mlp', 'final')},  # scanned, period 2
+    {'scan_layers': True, 'viln.every': 2, 'viln.sublayers': ('attn', 'mlp', 'final')},
     {'scan_layers': False, 'viln.sublayers': ('mlp',)},
 ])
 def test_deltas_per_norm_and_token(photo, overrides):

@@ -14,12 +14,15 @@ from lavi_jax.convert import from_hf, hf, to_torch
 from lavi_jax.data import synthetic
 from lavi_jax.models import init_params
 
+# 8 x 8 patches per picture, so that video frames are pooled 2 x 2; layers scanned by default.
+_BASE = {'vision.image_size': 64, 'vision.patch_size': 8, 'vision.video_pool': 2,
+         'scan_layers': True}
 VARIANTS = {
     # name: model overrides (dotted keys)
-    'attention': {'viln.kv_groups': 2, 'viln.sublayers': ('attn', 'mlp', 'final')},
-    'mlp': {'viln.conditioner': 'mlp', 'viln.every': 2, 'viln.gate': 'tanh'},
-    'conv': {'viln.conditioner': 'conv', 'viln.kv_groups': 2, 'scan_layers': False},
-    'concat': {'fusion': 'concat'},
+    'attention': {**_BASE, 'viln.kv_groups': 2, 'viln.sublayers': ('attn', 'mlp', 'final')},
+    'mlp': {**_BASE, 'viln.conditioner': 'mlp', 'viln.every': 2, 'viln.gate': 'tanh'},
+    'conv': {**_BASE, 'viln.conditioner': 'conv', 'viln.kv_groups': 2, 'scan_layers': False},
+    'concat': {**_BASE, 'fusion': 'concat'},
 }
 
 
