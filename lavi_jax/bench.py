@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from lavi_jax import config as lavi_config
 from lavi_jax.models import LaVi, init_params
@@ -182,8 +183,7 @@ def main(argv=None):
   model = lavi_config.load_config_file(args.config).model
   report = {'flops': flops_report(model)}
   print(format_flops(report['flops']))
-  with open(args.out, 'w') as f:
-    json.dump(report, f, indent=2)
+  epath.Path(args.out).write_text(json.dumps(report, indent=2))
   print(f'Wrote {args.out}')
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 from typing import Sequence
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lavi_jax import config as lavi_config
 from lavi_jax.convert import hf
@@ -55,13 +55,19 @@ def _to_device(tree: dict):
       tree[key] = jax.device_put(value)
 
 
-def save_converted(out_dir: str | pathlib.Path, model: ml_collections.ConfigDict, params):
+def _absolute(path: str | epath.PathLike) -> epath.Path:
+  """Orbax wants absolute paths; URLs (gs://...) already are."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.resolve()
+
+
+def save_converted(out_dir: str | epath.PathLike, model: ml_collections.ConfigDict, params):
   """Writes `{out_dir}/model_config.json` and the Orbax checkpoint `{out_dir}/params`.
 
   The leaves of `params` become jax arrays (in place), so that the checkpoint restores with any
   sharding.
   """
-  out = pathlib.Path(out_dir).absolute()
+  out = _absolute(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'model_config.json').write_text(model.to_json(indent=2))
   _to_device(params)
@@ -70,14 +76,14 @@ def save_converted(out_dir: str | pathlib.Path, model: ml_collections.ConfigDict
   checkpointer.wait_until_finished()
 
 
-def load_converted(out_dir: str | pathlib.Path,
+def load_converted(out_dir: str | epath.PathLike,
                    abstract_params=None) -> tuple[ml_collections.ConfigDict, hf.Params]:
   """Reads what `save_converted` wrote: (model config, params as jax arrays).
 
   `abstract_params`: ShapeDtypeStructs with shardings to restore onto (default: the stored
   model's shapes on the default device).
   """
-  out = pathlib.Path(out_dir).absolute()
+  out = _absolute(out_dir)
   if not (out / 'model_config.json').is_file():
     raise FileNotFoundError(f'{out} has no model_config.json: not a convert.from_hf output')
   model = lavi_config.from_json(json.loads((out / 'model_config.json').read_text()))

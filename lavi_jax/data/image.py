@@ -12,6 +12,7 @@ import os
 from typing import Sequence, Union
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
 
 from lavi_jax.data.errors import DataError, describe
@@ -49,8 +50,9 @@ def decode_image(ref: ImageRef) -> Image.Image:
     elif isinstance(ref, Image.Image):
       image = ref
     else:
-      image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
-      image.load()
+      with io.BytesIO(ref) if isinstance(ref, bytes) else epath.Path(ref).open('rb') as f:
+        image = Image.open(f)
+        image.load()
       image = ImageOps.exif_transpose(image)
     return to_rgb(image)
   except FileNotFoundError as e:

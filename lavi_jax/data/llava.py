@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from lavi_jax.data.errors import DataError
 
@@ -31,7 +31,7 @@ class LlavaSource:
 
   def __init__(self, path: str | os.PathLike, image_root: str = '', video_root: str = '',
                skip_bad_records: bool = False):
-    self.path = pathlib.Path(path)
+    self.path = epath.Path(path)
     self.image_root = image_root or str(self.path.parent)
     self.video_root = video_root or str(self.path.parent)
     if not self.path.is_file():
@@ -59,7 +59,7 @@ class LlavaSource:
 
   def _read_jsonl(self, skip_bad_records: bool) -> tuple[list[bytes], list[str]]:
     texts, where, first_skipped = [], [], ''
-    with open(self.path, 'rb') as f:
+    with self.path.open('rb') as f:
       for number, line in enumerate(f, start=1):
         if not line.strip():
           continue
@@ -104,4 +104,4 @@ class LlavaSource:
     if value is None:
       return []
     values = value if isinstance(value, list) else [value]
-    return [os.path.join(root, v) if isinstance(v, str) else v for v in values]
+    return [str(epath.Path(root) / v) if isinstance(v, str) else v for v in values]

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from lavi_jax.data import synthetic
@@ -82,7 +82,7 @@ class TfdsSource:
 
   def __init__(self, name_or_dir: str, split: str, data_dir: str = ''):
     self.name, self.split = name_or_dir, split
-    if os.path.isdir(name_or_dir):
+    if epath.Path(name_or_dir).is_dir():
       self._source = tfds.builder_from_directory(name_or_dir).as_data_source(split)
     else:
       self._source = tfds.data_source(name_or_dir, split=split, data_dir=data_dir or None,

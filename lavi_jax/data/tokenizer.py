@@ -11,12 +11,12 @@ from __future__ import annotations
 import abc
 import json
 import os
-import pathlib
 import re
 from typing import Iterable, Sequence
 
 import sentencepiece
 import tokenizers
+from etils import epath
 
 IMAGE_TOKEN = '<image>'
 VIDEO_TOKEN = '<video>'
@@ -93,7 +93,7 @@ class HFTokenizer(Tokenizer):
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
     """Loads tokenizer.json; a tokenizer_config.json beside it names pad/eos/bos tokens."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     names = {}
     config = path.parent / 'tokenizer_config.json'
     if config.is_file():
@@ -101,11 +101,11 @@ class HFTokenizer(Tokenizer):
       for key in ('pad_token', 'eos_token', 'bos_token'):
         value = settings.get(key)
         names[key] = value.get('content') if isinstance(value, dict) else value
-    return cls(tokenizers.Tokenizer.from_file(str(path)), **names)
+    return cls(tokenizers.Tokenizer.from_str(path.read_text()), **names)
 
   def save(self, path: str | os.PathLike):
     """Writes tokenizer.json (placeholders included)."""
-    self.tokenizer.save(str(path))
+    epath.Path(path).write_text(self.tokenizer.to_str())
 
   @property
   def vocab_size(self) -> int:
@@ -149,7 +149,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
-    return cls(pathlib.Path(path).read_bytes())
+    return cls(epath.Path(path).read_bytes())
 
   def __reduce__(self):
     return SentencePieceTokenizer, (self.processor.serialized_model_proto(),)
@@ -213,7 +213,7 @@ def word_level_tokenizer(texts: Iterable[str], specials: Sequence[str]) -> HFTok
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """A SentencePiece `.model` file, a `tokenizer.json`, or a directory holding either."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if path.is_dir():
     for name in ('tokenizer.json', 'tokenizer.model'):
       if (path / name).is_file():

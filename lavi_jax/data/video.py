@@ -5,12 +5,14 @@ Shapes: n = min(num_frames, frames in the video), H x W the video's size, S imag
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from typing import Union
 
 import av
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from lavi_jax.data.errors import DataError, describe
@@ -26,8 +28,11 @@ def uniform_indices(total: int, num_frames: int) -> np.ndarray:
   return np.linspace(0, total - 1, min(total, num_frames)).astype(np.int64)
 
 
+@contextlib.contextmanager
 def _open(ref: VideoRef):
-  return av.open(io.BytesIO(ref) if isinstance(ref, bytes) else os.fspath(ref))
+  with (io.BytesIO(ref) if isinstance(ref, bytes) else epath.Path(ref).open('rb')) as f:
+    with av.open(f) as container:
+      yield container
 
 
 def _count_frames(ref: VideoRef) -> int:

@@ -22,6 +22,8 @@ import os
 import sys
 from typing import Sequence
 
+from etils import epath
+
 from lavi_jax.data.errors import DataError
 from lavi_jax.inference.generator import Generator
 from lavi_jax.inference.requests import Request, Result
@@ -31,7 +33,7 @@ from lavi_jax.inference.sampling import SamplingParams
 def read_requests(path: str, defaults: SamplingParams) -> list[Request | Result]:
   """A JSONL file -> a Request per line, or an error Result naming the bad line."""
   out = []
-  with open(path, encoding='utf-8') as f:
+  with epath.Path(path).open() as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     return 0
   items = read_requests(args.requests, sampling)
-  out = open(args.output, 'w', encoding='utf-8') if args.output else sys.stdout
+  out = epath.Path(args.output).open('w') if args.output else sys.stdout
   failed = 0
   try:
     for start in range(0, len(items), args.batch_size):
