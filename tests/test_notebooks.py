@@ -4,7 +4,6 @@ The cell tagged `parameters` is replaced by the small settings below (papermill'
 the install cell does nothing outside Colab.
 """
 
-import importlib.util
 import os
 import pathlib
 
@@ -16,14 +15,7 @@ nbformat = pytest.importorskip('nbformat')
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 
 
-def _torch_export_missing() -> str | None:
-  for module in ('torch', 'lavi_jax.convert.to_torch', 'lavi_jax.convert.torch_lavi'):
-    if importlib.util.find_spec(module) is None:
-      return f'{module} is not available (the PyTorch export is not part of this version)'
-  return None
-
-
-# notebook: (small settings, or a reason to skip)
+# notebook: small settings
 CASES = {
     'quickstart.ipynb': dict(STEPS=6, BATCH_SIZE=8, EVAL_SIZE=16),
     'finetune.ipynb': dict(STEPS=4, BATCH_SIZE=4, LLM_DIR='', VISION_DIR='',
@@ -47,8 +39,6 @@ def test_every_notebook_is_tested():
 
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_notebook_runs(name, tmp_path):
-  if name == 'convert_to_pytorch.ipynb' and _torch_export_missing():
-    pytest.skip(_torch_export_missing())
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   install = nb.cells[1].source
   assert "'google.colab' in sys.modules" in install and 'pip install' in install
