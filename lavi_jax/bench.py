@@ -4,8 +4,8 @@
         [--skip-flops] [--skip-hf]
 
 Four parts, one JSON report:
-- `flops`: counted at `--config` (below), with `cache` the KV cache and visual memory bytes of
-  the same requests (from the shapes of the compiled prefill's outputs, 16 new tokens).
+- `flops`: counted at `--config` (below); `cache`: the KV cache and visual memory bytes of the
+  same requests answered with 16 new tokens (the shapes of the lowered prefill's outputs).
 - `measured`: latency and memory of generation on this machine (`bench_latency`), LaVi and
   concat each in a fresh process; `hf`: the same requests with Hugging Face LLaVA-OneVision
   (`bench_hf`); `accelerator`: decode against the bandwidth bound and train MFU

@@ -88,7 +88,11 @@ def in_fresh_processes(calls: dict[str, tuple[Callable, tuple]], parallel: bool 
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
                                               max_tasks_per_child=1) as pool:
     futures = {name: pool.submit(fn, *args) for name, (fn, args) in calls.items()}
-    return {name: future.result() for name, future in futures.items()}
+    results = {}
+    for name, future in futures.items():
+      results[name] = future.result()
+      print(f'{name}: done', flush=True)
+    return results
 
 
 def random_params(model: ml_collections.ConfigDict, seed: int = 0):
