@@ -1,11 +1,11 @@
 """On an accelerator: LaVi's decode tokens/s at batch 1 against the memory-bandwidth bound, and
 the MFU of a training step, at the measured model's sizes. On the CPU nothing is measured.
 
-The bound: every decode step reads the LLM's and conditioners' parameters and the whole KV cache
-and visual memory (the vision tower and projector only run at prefill), so
-tokens/s <= bandwidth / those bytes. MFU: the analytic FLOPs of the step
-(`train.flops.train_step_flops`, everything trained) over the median step time and the device's
-peak bf16 FLOP/s.
+The bound: every decode step reads the LLM's and conditioners' parameters, the whole KV cache,
+and for every modulated norm the visual keys and values its conditioner attends over (the
+vision tower and projector only run at prefill), so tokens/s <= bandwidth / those bytes.
+MFU: the analytic FLOPs of the step (`train.flops.train_step_flops`, everything trained) over
+the median step time and the device's peak bf16 FLOP/s.
 """
 
 from __future__ import annotations
@@ -41,11 +41,15 @@ def peak_bandwidth(device: jax.Device | None = None) -> float | None:
   return next((bw for name, bw in PEAK_BANDWIDTH if name.lower() in kind), None)
 
 
-def decode_bytes_per_token(params, cache: dict[str, int]) -> int:
-  """Bytes a decode step reads: all parameters but the vision tower and projector, and the
-  cache (`bench_latency.cache_bytes`)."""
+def decode_bytes_per_token(model: ml_collections.ConfigDict, params,
+                           cache: dict[str, int]) -> float:
+  """Bytes a decode step reads: all parameters but the vision tower and projector, the KV cache,
+  and for each modulated norm its group's share of the visual memory (`cache` as from
+  `bench_latency.cache_bytes`)."""
   read = {k: v for k, v in params.items() if k not in ('vit', 'projector', 'frame_index')}
-  return nbytes(read) + cache['total_bytes']
+  visual = cache['visual_memory_bytes'] / model.viln.kv_groups
+  return (nbytes(read) + cache['kv_cache_bytes'] +
+          visual * lavi_config.num_modulated_norms(model))
 
 
 def train_step_time(model: ml_collections.ConfigDict, params, text_tokens: int,
@@ -82,7 +86,7 @@ def measure(model: ml_collections.ConfigDict, run: dict[str, int], lavi: dict[st
   row = lavi['batch_1']
   tokens_per_s = 1 / row['decode_s_per_token']
   params = random_params(model)
-  bound = bandwidth / decode_bytes_per_token(params, row['cache_long'])
+  bound = bandwidth / decode_bytes_per_token(model, params, row['cache_long'])
   step_s = train_step_time(model, params, run['text_tokens'], run['repeats'])
   step_flops = flops_lib.train_step_flops(
       flops_lib.forward_flops(model, TRAIN_BATCH, run['text_tokens'], image_frames=1), True)

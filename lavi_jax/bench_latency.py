@@ -180,6 +180,7 @@ def measure_fusion(model_dict: dict, fusion: str, run: dict[str, int]) -> dict[s
       prefill, loop = decode.programs(model, params, **abstract,
                                       max_new_tokens=run[f'{n}_new_tokens'])
       row[f'cache_{n}'] = cache_bytes(prefill)
+    # The long answer's programs (the larger cache); compiled already by the timed runs.
     row['memory'] = dict(prefill=_memory(prefill.compile()), decode=_memory(loop.compile()))
     report[f'batch_{batch}'] = row
   report['peak_rss_bytes'] = peak_rss_bytes()
