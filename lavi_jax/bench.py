@@ -1,6 +1,17 @@
 """Efficiency benchmark: LaVi against LLaVA-style concatenation.
 
-    python -m lavi_jax.bench [--config configs/7b.py] [--out bench.json]
+    python -m lavi_jax.bench [--config configs/7b.py] [--out bench.json] [--quick]
+        [--skip-flops] [--skip-hf]
+
+Four parts, one JSON report:
+- `flops`: counted at `--config` (below); `cache`: the KV cache and visual memory bytes of the
+  same requests answered with 16 new tokens (the shapes of the lowered prefill's outputs).
+- `measured`: latency and memory of generation on this machine (`bench_latency`), LaVi and
+  concat each in a fresh process; `hf`: the same requests with Hugging Face LLaVA-OneVision
+  (`bench_hf`); `accelerator`: decode against the bandwidth bound and train MFU
+  (`bench_accelerator`, null on the CPU); `targets`: the ratios against their targets.
+`--quick` measures configs/tiny.py with a few tokens (same schema; the processes then run side
+by side, so its timings mean nothing).
 
 FLOPs come from XLA's cost analysis of the compiled forward programs, built abstractly (no
 weights in memory), split into the vision encoder, the projector plus conditioners, and the
@@ -18,6 +29,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -26,12 +39,15 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from lavi_jax import bench_accelerator, bench_hf, bench_latency
 from lavi_jax import config as lavi_config
+from lavi_jax.inference import decode
 from lavi_jax.models import LaVi, init_params
 from lavi_jax.models.lavi import VisualTokens, count_items_so_far, pool_grid
 from lavi_jax.models.llm import causal_mask
 
 TEXT_TOKENS = 64
+SHORT_ANSWER = 16  # new tokens for the cache bytes
 SETTINGS = {'image_anyres_3x3': dict(frames=10, video=False),
             'video_32_frames': dict(frames=32, video=True)}
 
@@ -175,14 +191,119 @@ def format_flops(report: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def cache_report(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Cache bytes (KV cache + visual memory) of each setting's request answered with SHORT_ANSWER
+  new tokens, LaVi and concat, from the lowered prefill's output shapes (nothing allocated)."""
+  report = {}
+  for name, setting in SETTINGS.items():
+    rows = {}
+    for fusion in ('viln', 'concat'):
+      m = ml_collections.ConfigDict(model.to_dict())
+      m.fusion = fusion
+      pixels, _ = _visual_shapes(m, setting['frames'], setting['video'])
+      ids = jnp.zeros((1, TEXT_TOKENS), jnp.int32).at[:, 1].set(
+          m.video_token_id if setting['video'] else m.image_token_id)
+      visual = {'videos' if setting['video'] else 'images': dict(pixel_values=pixels)}
+      prefill, _ = decode.programs(m, _abstract_params(m), ids, jnp.ones(ids.shape, bool),
+                                   **visual, max_new_tokens=SHORT_ANSWER)
+      rows[fusion] = bench_latency.cache_bytes(prefill)
+    report[name] = dict(rows, lavi_over_concat=rows['viln']['total_bytes'] /
+                        rows['concat']['total_bytes'])
+  return report
+
+
+def counted(model_dict: dict) -> dict[str, Any]:
+  """{'flops': flops_report, 'cache': cache_report} of a model config given as a dict (for
+  `bench_latency.in_fresh_processes`)."""
+  model = ml_collections.ConfigDict(model_dict)
+  return dict(flops=flops_report(model), cache=cache_report(model))
+
+
+TARGETS = (  # (name, where in the report, at most / at least, value)
+    ('ttft_lavi_over_concat', ('measured', 'lavi_over_concat', 'ttft_s'), 'at most', 1 / 3),
+    ('cache_lavi_over_concat', ('measured', 'lavi_over_concat', 'cache_short_bytes'), 'at most',
+     1 / 20),
+    ('e2e_short_speedup_over_hf', ('hf', 'speedup', 'viln', 'e2e_short_s'), 'at least', 5.0),
+)
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+  """Each target's measured values per batch size and whether all of them meet it."""
+  out = {}
+  for name, (*path, key), bound, value in TARGETS:
+    node = report
+    for part in path:
+      node = (node or {}).get(part)
+    if node is None:
+      out[name] = dict(target=f'{bound} {value:.4g}', met=None)
+      continue
+    values = {b: node[b][key] for b in node if b.startswith('batch_')}
+    ok = [v <= value if bound == 'at most' else v >= value for v in values.values()]
+    out[name] = dict(values, target=f'{bound} {value:.4g}', met=all(ok))
+  return out
+
+
+def format_measured(report: dict[str, Any]) -> str:
+  """Per batch size: each latency for LaVi, concat, their ratio, and HF and HF / LaVi."""
+  measured, hf = report['measured'], report.get('hf')
+  lines = [f'{"":<22}{"LaVi":>10}{"concat":>10}{"ratio":>8}' + (f'{"HF":>10}{"HF/LaVi":>9}'
+                                                                 if hf else '')]
+  for batch in bench_latency.BATCHES:
+    b = f'batch_{batch}'
+    lines.append(f'batch {batch}')
+    for key in ('ttft_s', 'decode_s_per_token', 'e2e_short_s', 'e2e_long_s'):
+      lavi, concat = measured['viln'][b][key], measured['concat'][b][key]
+      line = f'  {key:<20}{lavi:>10.4f}{concat:>10.4f}{lavi / concat:>8.3f}'
+      if hf:
+        line += f'{hf[b][key]:>10.4f}{hf[b][key] / lavi:>9.2f}'
+      lines.append(line)
+    for n in ('short', 'long'):
+      lavi, concat = (measured[f][b][f'cache_{n}']['total_bytes'] for f in ('viln', 'concat'))
+      lines.append(f'  {"cache_" + n + " (MB)":<20}{lavi / 1e6:>10.3f}{concat / 1e6:>10.3f}'
+                   f'{lavi / concat:>8.3f}')
+  rss = [measured[f]['peak_rss_bytes'] / 1e6 for f in ('viln', 'concat')]
+  lines.append(f'peak RSS (MB)         {rss[0]:>10.0f}{rss[1]:>10.0f}{rss[0] / rss[1]:>8.3f}' +
+               (f'{hf["peak_rss_bytes"] / 1e6:>10.0f}' if hf else ''))
+  for name, row in report['targets'].items():
+    lines.append(f'target {name}: {row["target"]}, met: {row["met"]}')
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default='configs/7b.py')
+  parser.add_argument('--config', default='configs/7b.py', help='model config of the FLOPs')
   parser.add_argument('--out', default='bench.json')
+  parser.add_argument('--quick', action='store_true', help='tiny sizes, a few tokens')
+  parser.add_argument('--skip-flops', action='store_true')
+  parser.add_argument('--skip-hf', action='store_true')
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(argv)
-  model = lavi_config.load_config_file(args.config).model
-  report = {'flops': flops_report(model)}
-  print(format_flops(report['flops']))
+  # Several processes share an accelerator in turn: none may take most of its memory up front.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  report = dict(command=' '.join(['python -m lavi_jax.bench', *argv]), flops=None, cache=None,
+                hf=None)
+  model, run = bench_latency.measured_model(args.quick), bench_latency.settings(args.quick)
+  calls = bench_latency.measured_calls(model, run)
+  if not args.skip_hf:
+    calls['hf'] = (bench_hf.measure_hf, (model.to_dict(), run))
+  if not args.skip_flops:
+    counted_model = lavi_config.load_config_file('configs/tiny.py' if args.quick else args.config)
+    calls['counted'] = (counted, (counted_model.model.to_dict(),))
+  results = bench_latency.in_fresh_processes(calls, parallel=args.quick)
+  if 'counted' in results:
+    report.update(results['counted'])
+    print(format_flops(report['flops']))
+  report['measured'] = dict(
+      config=bench_latency.model_sizes(model), settings=dict(run, batches=bench_latency.BATCHES),
+      device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+      viln=results['viln'], concat=results['concat'],
+      lavi_over_concat=bench_latency.ratios(results['viln'], results['concat']))
+  if 'hf' in results:
+    report['hf'] = dict(results['hf'], speedup=bench_hf.speedups(
+        results['hf'], dict(viln=results['viln'], concat=results['concat'])))
+  report['accelerator'] = bench_accelerator.accelerator_report(model, run, results['viln'])
+  report['targets'] = targets(report)
+  print(format_measured(report))
   epath.Path(args.out).write_text(json.dumps(report, indent=2))
   print(f'Wrote {args.out}')
 

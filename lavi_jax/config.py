@@ -205,6 +205,14 @@ def modulated_layers(model: ml_collections.ConfigDict) -> tuple[bool, ...]:
   return tuple(i in chosen for i in range(n))
 
 
+def num_modulated_norms(model: ml_collections.ConfigDict) -> int:
+  """ViLN-modulated norms of the LLM (each has its own conditioner); 0 for concat."""
+  if model.fusion != 'viln':
+    return 0
+  per_layer = len([s for s in model.viln.sublayers if s != 'final'])
+  return sum(modulated_layers(model)) * per_layer + ('final' in model.viln.sublayers)
+
+
 def num_visual_tokens_per_frame(vision: ml_collections.ConfigDict, video: bool) -> int:
   side = vision.image_size // vision.patch_size
   if video and vision.video_pool > 1:

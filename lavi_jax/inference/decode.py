@@ -151,6 +151,18 @@ def _decode(model: ml_collections.FrozenConfigDict, params, memory, state: Decod
   return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done), step, state)
 
 
+def _sampling_inputs(b: int, max_new_tokens: int, limit, temperature, top_k, top_p, seeds,
+                     stop_ids, pad_id: int):
+  """Per-row sampling keys (B,) and the settings dict of `_start` / `_decode`."""
+  row = lambda x, dtype: jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
+  settings = dict(temperature=row(temperature, jnp.float32), top_k=row(top_k, jnp.int32),
+                  top_p=row(top_p, jnp.float32),
+                  limit=row(max_new_tokens if limit is None else limit, jnp.int32),
+                  stop_ids=jnp.asarray(stop_ids, jnp.int32).reshape(-1),
+                  pad_id=jnp.int32(pad_id))
+  return jax.vmap(jax.random.key)(row(seeds, jnp.uint32)), settings
+
+
 def generate(model: ml_collections.ConfigDict, params, input_ids, text_mask,
              images: VisualInput | None = None, videos: VisualInput | None = None, *,
              max_new_tokens: int, limit: np.ndarray | None = None, temperature=0.0, top_k=0,
@@ -169,13 +181,8 @@ def generate(model: ml_collections.ConfigDict, params, input_ids, text_mask,
   """
   model = ml_collections.FrozenConfigDict(model)
   b = input_ids.shape[0]
-  row = lambda x, dtype: jnp.broadcast_to(jnp.asarray(x, dtype), (b,))
-  settings = dict(temperature=row(temperature, jnp.float32), top_k=row(top_k, jnp.int32),
-                  top_p=row(top_p, jnp.float32),
-                  limit=row(max_new_tokens if limit is None else limit, jnp.int32),
-                  stop_ids=jnp.asarray(stop_ids, jnp.int32).reshape(-1),
-                  pad_id=jnp.int32(pad_id))
-  keys = jax.vmap(jax.random.key)(row(seeds, jnp.uint32))
+  keys, settings = _sampling_inputs(b, max_new_tokens, limit, temperature, top_k, top_p, seeds,
+                                    stop_ids, pad_id)
   state, memory = _start(model, params, jnp.asarray(input_ids), jnp.asarray(text_mask, bool),
                          images, videos, keys, settings, max_new_tokens=max_new_tokens,
                          keep_logits=keep_logits)
@@ -195,3 +202,20 @@ def generate(model: ml_collections.ConfigDict, params, input_ids, text_mask,
   return Output(tokens=tokens, length=length,
                 stopped=(length > 0) & np.isin(last, np.asarray(stop_ids)),
                 logits=None if state.logits is None else np.asarray(state.logits))
+
+
+def programs(model: ml_collections.ConfigDict, params, input_ids, text_mask,
+             images: VisualInput | None = None, videos: VisualInput | None = None, *,
+             max_new_tokens: int) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+  """The (prefill, decode loop) programs that greedy `generate` runs for these inputs, lowered
+  ahead of time (`.compile()` them for XLA's memory and cost analyses). Arguments may be
+  ShapeDtypeStructs. The prefill's `out_info` is (the decode state, with its KV cache; the
+  visual memory)."""
+  model = ml_collections.FrozenConfigDict(model)
+  keys, settings = _sampling_inputs(input_ids.shape[0], max_new_tokens, None, 0.0, 0, 1.0, 0, (),
+                                    0)
+  prefill = _start.lower(model, params, input_ids, text_mask, images, videos, keys, settings,
+                         max_new_tokens=max_new_tokens, keep_logits=False)
+  state, memory = prefill.out_info
+  loop = _decode.lower(model, params, memory, state, keys, settings, jnp.int32(max_new_tokens))
+  return prefill, loop

@@ -71,8 +71,7 @@ def forward_flops(model: ml_collections.ConfigDict, batch: int, text_len: int,
   if model.fusion == 'concat':
     return ForwardFlops(frames * per_frame, projector, 0.0,
                         _decoder_flops(llm, text_len + n_visual, batch))
-  norms = sum(lavi_config.modulated_layers(model)) * len(
-      [s for s in viln.sublayers if s != 'final']) + ('final' in viln.sublayers)
+  norms = lavi_config.num_modulated_norms(model)
   d = llm.hidden_size
   if viln.conditioner == 'attention':
     width = viln.heads * viln.head_dim
