@@ -5,7 +5,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from lavi_jax.convert import from_hf

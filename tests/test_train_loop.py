@@ -1,7 +1,6 @@
 """The training loop end to end: exact resume after a kill, SIGTERM, NaN stop, init_from,
 restoring onto another mesh, a refused model mismatch, two processes, and a falling loss."""
 
-import json
 import os
 import pathlib
 import signal

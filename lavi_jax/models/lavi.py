@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lavi_jax import config as lavi_config
 from lavi_jax.models.llm import LLM, causal_mask
 from lavi_jax.models.projector import FrameIndexEmbedding, Projector
 from lavi_jax.models.vit import ViT
