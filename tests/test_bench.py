@@ -16,6 +16,11 @@ LATENCIES = ('ttft_s', 'decode_s_per_token', 'e2e_short_s', 'e2e_long_s')
 BATCHES = ('batch_1', 'batch_8')
 
 
+def _grid_side():
+  vision = bench_latency.measured_model(True).vision
+  return vision.image_size // vision.patch_size
+
+
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp('bench') / 'bench.json'
@@ -42,7 +47,7 @@ def test_flops_and_cache_bytes(report):
 def test_measured_latency_and_memory(report):
   measured = report['measured']
   assert measured['backend'] == 'cpu'
-  assert measured['config']['visual_tokens_per_image'] == 64  # tiny: 64 px / patch 8
+  assert measured['config']['visual_tokens_per_image'] == _grid_side() ** 2
   assert measured['settings']['batches'] == [1, 8]
   for fusion in ('viln', 'concat'):
     rows = measured[fusion]
@@ -83,7 +88,8 @@ def test_measured_latency_and_memory(report):
 def test_hugging_face_comparison(report):
   hf, measured = report['hf'], report['measured']
   assert hf['model'] == 'LlavaOnevisionForConditionalGeneration'
-  assert hf['visual_tokens_per_image'] == 2 * 64 + 8  # base + grid crop, a newline per row
+  side = _grid_side()  # base + grid crop, a newline per row
+  assert hf['visual_tokens_per_image'] == 2 * side ** 2 + side
   assert hf['peak_rss_bytes'] >= hf['baseline_rss_bytes'] > 0
   for batch in BATCHES:
     assert all(hf[batch][k] > 0 for k in LATENCIES)
@@ -117,7 +123,8 @@ def test_accelerator_figures_from_a_measured_step():
   params = bench_latency.random_params(model)
   llm_bytes = bench_latency.nbytes({k: v for k, v in params.items()
                                     if k not in ('vit', 'projector', 'frame_index')})
-  norms = 2 * model.llm.num_layers  # attn and mlp norms of every layer, one visual K/V
+  # attn and mlp norms of every layer (and the final norm) read the one visual K/V
+  norms = 2 * model.llm.num_layers + ('final' in model.viln.sublayers)
   assert out['bandwidth_bound_tokens_per_s'] == pytest.approx(
       1e10 / (llm_bytes + 1000 + 500 * norms))
   assert out['fraction_of_bound'] == pytest.approx(100 / out['bandwidth_bound_tokens_per_s'])

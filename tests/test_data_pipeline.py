@@ -28,11 +28,12 @@ def test_batch_format():
   assert jax.tree.structure(batch) == jax.tree.structure(spec)
   for got, want in zip(jax.tree.leaves(batch), jax.tree.leaves(spec)):
     assert (got.shape, got.dtype) == (want.shape, want.dtype)
-  assert spec['images']['pixel_values'].shape == (4, 1, 64, 64, 3)
-  assert spec['videos']['pixel_values'].shape == (4, 4, 64, 64, 3)
+  side, data = config.model.vision.image_size, config.data
+  assert spec['images']['pixel_values'].shape == (4, data.max_crops, side, side, 3)
+  assert spec['videos']['pixel_values'].shape == (4, data.num_frames, side, side, 3)
   ids, mask = batch['input_ids'], batch['text_mask']
   lengths = mask.sum(1)
-  assert (mask == (np.arange(64) < lengths[:, None])).all()  # right padding
+  assert (mask == (np.arange(data.max_text_len) < lengths[:, None])).all()  # right padding
   np.testing.assert_array_equal(batch['targets'][:, :-1] * mask[:, 1:], ids[:, 1:] * mask[:, 1:])
   assert not (batch['targets'] * ~mask).any() and not (batch['loss_mask'] & ~mask).any()
   tok = synthetic.synthetic_tokenizer()
@@ -116,12 +117,13 @@ def test_processes_read_disjoint_records():
 
 
 def test_eval_pads_the_last_batch():
-  batches = list(pipeline.make_dataset(data_config(eval_mixture='synthetic:test:10'), 'eval'))
+  config = data_config(eval_mixture='synthetic:test:10')
+  batches = list(pipeline.make_dataset(config, 'eval'))
   assert len(batches) == 3
   last = batches[-1]
   np.testing.assert_array_equal(last['text_mask'].any(1), [True, True, False, False])
   np.testing.assert_array_equal(last['question_type'][2:], -1)
-  assert last['input_ids'].shape == (4, 64)
+  assert last['input_ids'].shape == (4, config.data.max_text_len)
 
 
 @pytest.fixture(scope='module')

@@ -49,7 +49,7 @@ def test_sharded_forward_equals_one_device(reference, shape, rules):
   inputs = jax.device_put(_inputs(model), sharding.data_sharding(mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     logits = jax.jit(lambda p, x: LaVi(model).apply({'params': p}, **x))(params, inputs)
-  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=5e-5, rtol=0)
 
 
 @pytest.mark.parametrize('config_file', ['configs/0_5b.py', 'configs/7b.py'])
