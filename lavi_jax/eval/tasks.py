@@ -10,7 +10,7 @@ Deviations from lmms-eval:
 
 A task turns each record (`doc`) of its data file into a prompt with images or a video, scores
 the greedy answer per sample (`process`: metric -> per-sample value) and aggregates per metric.
-Two bases cover most tasks: `short_answer` (a mean of per-sample scores) and `choice`
+Two helpers build the simpler tasks: `short_answer` (a mean of per-sample scores) and `choice`
 (multiple choice answered by letter).
 """
 
