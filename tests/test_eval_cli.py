@@ -1,10 +1,11 @@
 """`python -m lavi_jax.eval` end to end on a tiny random model and tiny dataset exports written
 here: Parquet with embedded photos (MME, MMBench), JSONL with photo paths (POPE, TextVQA),
-a JSON list with videos (MVBench) and video frames given as images (SEED-Bench); and a
-benchmark run during training."""
+a JSON list with videos (MVBench) and video frames given as images (SEED-Bench); and
+benchmarks during a tiny training run."""
 
 import io
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from lavi_jax.convert import from_hf
 from lavi_jax.data import synthetic
 from lavi_jax.eval import __main__ as cli
 from lavi_jax.train import loop
+from lavi_jax.train.metrics import read_metrics
 from tests.data_files import write_photos, write_video
 from tests.helpers import random_params, tiny_config
 
@@ -66,7 +68,7 @@ def files(tmp_path_factory):
              dict(A='a person', B='a dog', C='a tree', D='a cup')]
   write_parquet(data / 'mmbench' / 'dev.parquet', [
       dict(index=index, question='What is in the image?', hint=hint, answer=answer,
-           category='object', source='test', split='dev', image=img, **{'l2-category': 'p'},
+           category='object', source='test', split='dev', image=img, **{'L2-category': 'p'},
            **opts)
       for index, hint, answer, img, opts in (
           (0, None, 'B', astronaut, options[0]), (1_000_000, 'A photo.', 'A', astronaut,
@@ -113,13 +115,14 @@ def test_eval_cli_writes_results_and_samples(files, capsys):
       assert f'{metric}_stderr,none' in row
   assert results['n-samples']['mme'] == {'original': 4, 'effective': 4}
   assert results['config']['num_frames'] == 2
-  assert results['configs']['pope_random']['generation_kwargs']['max_new_tokens'] == 128
+  assert results['configs']['pope_random']['generation_kwargs']['max_new_tokens'] == 2
   samples = [json.loads(line) for line in (out / 'samples.jsonl').read_text().splitlines()]
   assert len(samples) == 4 + 3 + 3 + 1 + 1 + 2
   for sample in samples:
     assert set(sample) >= {'task', 'doc_id', 'doc', 'target', 'arguments', 'resps',
                            'filtered_resps'}
     assert sample['resps'][0][0] == sample['filtered_resps'][0]
+    assert sample['resps'][0][0] == sample['resps'][0][0].strip()
     assert set(expected[sample['task']]) & set(sample)
     if sample['task'] in ('mme', 'mmbench_en_dev', 'seedbench'):
       assert 'image' not in sample['doc']  # embedded images are not logged
@@ -136,20 +139,37 @@ def test_eval_cli_names_a_bad_record(files, tmp_path, capsys):
            answer='yes'),
       dict(question_id='1', question='No image?', answer='no')])
   assert cli.main(['--checkpoint', files['model'], '--tasks', 'pope_random', '--data-dir',
-                   str(tmp_path), '--output-dir', str(tmp_path / 'out')]) == 1
+                   str(tmp_path), '--output-dir', str(tmp_path / 'out'), '--batch-size', '1',
+                   '--max-new-tokens', '2', '--max-len', '160']) == 1
   error = capsys.readouterr().err
   assert f'{tmp_path}/pope/random.jsonl record 1: missing field \'image\'' in error
+  # the answer before the bad record is kept
+  assert [json.loads(line)['doc_id'] for line in
+          (tmp_path / 'out' / 'samples.jsonl').read_text().splitlines()] == [0]
   assert cli.main(['--checkpoint', files['model'], '--tasks', 'gqa', '--data-dir',
                    str(tmp_path)]) == 1
   assert 'no gqa/testdev{.parquet,.jsonl,.json}' in capsys.readouterr().err
 
 
-def test_benchmarks_during_training(files):
-  """The train loop's hook (config.eval) on the fixture model: headline metrics by name."""
-  config = tiny_config(**{'vision.image_size': 32, 'llm.vocab_size': 96})
+def test_benchmarks_during_training(files, tmp_path):
+  """config.eval in a 2-step run: a missing data file stops the Trainer before it starts, a
+  bad record is counted in eval/errors and training goes on, and a limit keeps MME's pairs."""
+  config = tiny_config()
+  config.data.update(batch_size=8, max_text_len=48)
+  config.train.stages.train.update(steps=2, warmup_steps=1)
+  config.checkpoint.update(async_save=False, every=2)
   assert loop._periodic_eval(config) is None  # off by default
-  config.eval.update(tasks='pope_random,mme', every=2, data_dir=files['data'], limit=2,
-                     batch_size=4, max_len=160, max_new_tokens=2)
-  metrics = loop._periodic_eval(config)(files['params'])
-  assert set(metrics) == {'eval/pope_random/pope_f1_score', 'eval/mme/mme_percetion_score'}
-  assert 0 <= metrics['eval/pope_random/pope_f1_score'] <= 1
+  data = tmp_path / 'data'
+  shutil.copytree(files['data'], data)
+  config.eval.update(tasks='mme,gqa', every=2, data_dir=str(data), limit=3, batch_size=4,
+                     max_len=160, max_new_tokens=2)
+  with pytest.raises(FileNotFoundError, match='task gqa: no gqa/testdev'):
+    loop.Trainer(config, str(tmp_path / 'run'))
+  write_jsonl(data / 'pope' / 'random.jsonl', [dict(question_id='0', question='No image?',
+                                                    answer='no')])
+  config.eval.tasks = 'pope_random,mme'
+  assert loop.Trainer(config, str(tmp_path / 'run')).run() == 2
+  last = read_metrics(str(tmp_path / 'run'))[-1]
+  assert last['step'] == 2 and last['eval/errors'] == 1 and 'loss' in last
+  assert set(k for k in last if k.startswith('eval/')) == {'eval/errors',
+                                                           'eval/mme/mme_percetion_score'}

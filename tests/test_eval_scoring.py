@@ -1,9 +1,12 @@
 """Benchmark scoring on crafted predictions, against scores worked out by hand."""
 
+import json
+
 import pytest
+from etils import epath
 
 from lavi_jax.data.errors import DataError
-from lavi_jax.eval import scoring, tasks
+from lavi_jax.eval import runner, scoring, tasks
 from lavi_jax.eval.vqa_normalize import normalize_answer, textvqa_accuracy, vqav2_accuracy
 
 
@@ -55,7 +58,7 @@ def test_pope_matches_exactly():
 
 
 def test_mmbench_circular_groups_and_rule_based_extraction():
-  base = dict(question='Which animal?', hint=None, category='c1', **{'l2-category': 'l2'})
+  base = dict(question='Which animal?', hint=None, category='c1', **{'L2-category': 'l2'})
   options = dict(A='cat', B='dog', C='bird', D='fish')
   shifted = dict(A='dog', B='bird', C='fish', D='cat')
   docs = [
@@ -70,7 +73,10 @@ def test_mmbench_circular_groups_and_rule_based_extraction():
   assert run(tasks.MMBENCH, docs) == {'mmbench_circular': pytest.approx(200 / 3)}
   samples = [tasks.MMBENCH.process(d, r)['mmbench_circular'] for d, r in docs]
   assert [s['extracted'] for s in samples] == ['A', 'D', 'B', 'A', 'C', 'C']
-  assert scoring.mmbench_circular_by(samples, 'category') == {'c1': 50.0, 'c2': 100.0}
+  assert samples[0]['L2-category'] == 'l2'
+  lowercase = dict(docs[0][0], **{'l2-category': 'x'})
+  del lowercase['L2-category']
+  assert tasks.MMBENCH.process(lowercase, 'A')['mmbench_circular']['L2-category'] == 'x'
   assert scoring.mmbench_extract('cat or dog', options) is None
   assert tasks.MMBENCH.prompt(dict(docs[0][0], hint='Look.')) == (
       "Look. Which animal? There are several options:\nA. cat\nB. dog\nC. bird\nD. fish\n\n"
@@ -134,10 +140,12 @@ def test_mvbench_letters_and_answered_samples():
   task = tasks.TASKS['mvbench_action_count']
   doc = dict(question='How many?', candidates=['1', '2', '3'], answer='2', video='x.mp4')
   assert task.prompt(doc) == ("Question:How many?\nOption:\n(A) 1\n(B) 2\n(C) 3\n"
-                              "Answer with the option's letter from the given choices directly.")
-  # '(B) 2' -> B right, 'B. two' -> B right, 'A' wrong, '' unanswered (not counted)
-  assert run(task, [(doc, '(B) 2'), (doc, 'B. two'), (doc, 'A'), (doc, '')]) == \
-      {'mvbench_accuracy': pytest.approx(200 / 3)}
+                              'Only give the best option.\n')
+  # '(B) 2' -> B right, 'B. two' -> B right, 'A' and '.' wrong, '' unanswered (not counted)
+  assert run(task, [(doc, '(B) 2'), (doc, 'B. two'), (doc, 'A'), (doc, '.'), (doc, '')]) == \
+      {'mvbench_accuracy': pytest.approx(200 / 4)}
+  assert task.process(doc, '.')['mvbench_accuracy'] == {'pred_answer': '.', 'gt_answer': 'B',
+                                                        'score': 0.0}
   with pytest.raises(DataError, match='not one of the candidates'):
     task.target(dict(doc, answer='4'))
 
@@ -147,3 +155,18 @@ def test_resolve_expands_groups():
   assert names[0] == 'mme' and len(names) == 21 and names[1] == 'mvbench_object_interaction'
   with pytest.raises(ValueError, match="unknown task 'nope'"):
     tasks.resolve('nope')
+
+
+def test_limit_keeps_question_pairs_and_task_bugs_raise(tmp_path):
+  path = epath.Path(tmp_path / 'test.jsonl')
+  path.write_text(''.join(json.dumps(dict(question_id=q)) + '\n' for q in 'aabbc'))
+  docs, total = runner._read(tasks.MME, path, 3)  # 3 would split pair b
+  assert [d['question_id'] for d in docs] == ['a', 'a'] and total == 5
+  assert len(runner._read(tasks.MME, path, 4)[0]) == 4
+  assert len(runner._read(tasks.GQA, path, 3)[0]) == 3  # no groups
+  with pytest.raises(DataError, match='test.jsonl record 0: missing field'):
+    with runner._naming(path, 0):
+      raise KeyError('image')
+  with pytest.raises(TypeError):  # a bug in task code keeps its traceback
+    with runner._naming(path, 0):
+      raise TypeError('a bug')

@@ -2,8 +2,8 @@
 
     python -m lavi_jax.eval --checkpoint DIR --tasks pope,mme,mmbench_en_dev --data-dir DATA
 
-DIR is a `convert.from_hf` output or a training workdir; DATA holds the local dataset exports
-(README, "Evaluation"). Writes results.json and samples.jsonl (lmms-eval's layout) to
+DIR is a `convert.from_hf` output or a training workdir; DATA holds the dataset exports
+(README, "Evaluation"); each may be local or a URL (gs://...). Writes results.json and samples.jsonl (lmms-eval's layout) to
 --output-dir and prints each task's metrics.
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Sequence
+
+from etils import epath
 
 from lavi_jax.data.errors import DataError
 from lavi_jax.eval import runner, tasks
@@ -48,18 +49,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   generator = Generator.load(args.checkpoint, tokenizer=args.tokenizer,
                              chat_template=args.chat_template, max_len=args.max_len,
                              batch_size=args.batch_size, num_frames=args.num_frames)
+  output_dir = epath.Path(args.output_dir or epath.Path(args.checkpoint) / 'eval')
+  output_dir.mkdir(parents=True, exist_ok=True)
   try:
-    outputs = runner.evaluate(generator, selected, args.data_dir, args.limit,
-                              args.max_new_tokens)
+    with (output_dir / 'samples.jsonl').open('w') as samples:
+      outputs = runner.evaluate(generator, selected, args.data_dir, args.limit,
+                                args.max_new_tokens, samples)
   except (DataError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {e} (answers so far: {output_dir}/samples.jsonl)', file=sys.stderr)
     return 1
   config = dict(model='lavi_jax', model_args=f'checkpoint={args.checkpoint}',
                 batch_size=args.batch_size, limit=args.limit or None,
                 max_new_tokens=args.max_new_tokens or None,
                 num_frames=generator.spec.num_frames, chat_template=generator.template.name)
-  output_dir = args.output_dir or os.path.join(args.checkpoint, 'eval')
-  results = runner.write(output_dir, outputs, config)
+  results = runner.write_results(output_dir, outputs, config)
   print(json.dumps(results['results'], indent=2))
   print(f'Wrote {output_dir}/results.json and samples.jsonl')
   return 0

@@ -3,8 +3,9 @@
 - `results.json`: {'results': {task: {'alias', 'METRIC,none', 'METRIC_stderr,none'}},
   'configs', 'versions', 'n-shot', 'higher_is_better', 'n-samples', 'config', 'date'}.
 - `samples.jsonl` (lmms-eval: `{task}.jsonl` per task; here one file, each line naming its
-  `task`): doc_id, doc (without images), target, arguments, resps, filtered_resps, and the
-  per-sample values of each metric.
+  `task`): doc_id, doc (without images), target, arguments, resps, filtered_resps (the
+  answer stripped of surrounding whitespace, as lmms-eval's models return it), and the
+  per-sample values of each metric; written batch by batch, so an error keeps what is done.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, TextIO
 
 from absl import logging
+from etils import epath
 
 from lavi_jax.data.errors import DataError
 from lavi_jax.eval import datasets
@@ -32,7 +33,8 @@ class TaskOutput:
   task: Task
   metrics: dict[str, Any]
   samples: list[dict[str, Any]]
-  n_total: int  # records in the data file read (--limit truncates)
+  n_total: int  # records in the whole data file (before a limit)
+  max_new_tokens: int  # the generation limit used (the task's, or the cap)
   seconds: float
 
 
@@ -44,50 +46,75 @@ def _json_doc(doc: dict[str, Any]) -> dict[str, Any]:
           if keep(v) and not (isinstance(v, list) and v and not all(keep(x) for x in v))}
 
 
-def run_task(generator: Generator, task: Task, data_dir: str, limit: int = 0,
-             max_new_tokens: int = 0) -> TaskOutput:
-  """Answers a task's records greedily in batches and scores them.
+def _read(task: Task, path: epath.Path, limit: int) -> tuple[list[dict[str, Any]], int]:
+  """The task's first `limit` records (0: all), fewer where the limit would split a group of
+  records scored together (MME's question pairs), and the number of records in the file."""
+  if not (limit and task.group):
+    return datasets.read_records(path, limit)
+  docs, total = datasets.read_records(path, limit + 1)
+  groups = []
+  for i, doc in enumerate(docs):
+    with _naming(path, i):
+      groups.append(task.group(doc))
+  kept = limit
+  while len(docs) > limit and kept and groups[kept - 1] == groups[limit]:
+    kept -= 1
+  if kept < limit:
+    logging.warning('%s: a limit of %d splits the group of record %d; using the first %d '
+                    'records.', task.name, limit, limit - 1, kept)
+  return docs[:kept], total
 
-  max_new_tokens: > 0 caps the task's generation limit (for quick runs). Raises DataError
-  naming the data file, record and field when a record cannot be used.
+
+def run_task(generator: Generator, task: Task, data_dir: str | epath.PathLike, limit: int = 0,
+             max_new_tokens: int = 0, samples_file: TextIO | None = None) -> TaskOutput:
+  """Answers a task's records greedily, `generator.batch_size` at a time, and scores them.
+
+  max_new_tokens: > 0 caps the task's generation limit (for quick runs). samples_file: gets
+  each sample (a JSON line) as its batch completes. Raises DataError naming the data file,
+  record and field when a record cannot be used.
   """
   start = time.perf_counter()
   path = datasets.find_data_file(data_dir, task.data)
-  root = os.path.dirname(path)
-  docs = datasets.read_records(path, limit)
+  docs, n_total = _read(task, path, limit)
   new_tokens = min(task.max_new_tokens, max_new_tokens) if max_new_tokens else \
       task.max_new_tokens
   sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-  requests = []
-  for i, doc in enumerate(docs):
-    with _naming(path, i):
-      images, video = task.visual(doc, root)
-      requests.append(Request(task.prompt(doc), images=images, video=video,
-                              id=f'{path} record {i}', sampling=sampling))
-  results = generator.generate(requests)
+  generation = dict(max_new_tokens=new_tokens, temperature=0, do_sample=False)
   samples, per_metric = [], {m: [] for m in task.metrics}
-  for i, (doc, request, result) in enumerate(zip(docs, requests, results)):
-    if result.error:
-      raise DataError(result.error)
-    with _naming(path, i):
-      scores = task.process(doc, result.text)
-      target = task.target(doc)
-    for metric, value in scores.items():
-      per_metric[metric].append(value)
-    generation = dict(max_new_tokens=new_tokens, temperature=0, do_sample=False)
-    samples.append(dict(
-        doc_id=i, doc=_json_doc(doc), target=target,
-        arguments={'gen_args_0': {'arg_0': request.prompt, 'arg_1': generation}},
-        resps=[[result.text]], filtered_resps=[result.text], **scores))
+  for first in range(0, len(docs), generator.batch_size):
+    requests = []
+    for i, doc in enumerate(docs[first:first + generator.batch_size], first):
+      with _naming(path, i):
+        images, video = task.visual(doc, path.parent)
+        requests.append(Request(task.prompt(doc), images=images, video=video,
+                                id=f'{path} record {i}', sampling=sampling))
+    for i, request, result in zip(range(first, len(docs)), requests,
+                                  generator.generate(requests)):
+      if result.error:
+        raise DataError(result.error)
+      text = result.text.strip()  # as lmms-eval's model wrappers
+      with _naming(path, i):
+        scores = task.process(docs[i], text)
+        target = task.target(docs[i])
+      for metric, value in scores.items():
+        per_metric[metric].append(value)
+      sample = dict(doc_id=i, doc=_json_doc(docs[i]), target=target,
+                    arguments={'gen_args_0': {'arg_0': request.prompt, 'arg_1': generation}},
+                    resps=[[text]], filtered_resps=[text], **scores)
+      samples.append(sample)
+      if samples_file is not None:
+        samples_file.write(json.dumps(dict(task=task.name, **sample), default=str) + '\n')
+    if samples_file is not None:
+      samples_file.flush()
   metrics = {m: aggregate(per_metric[m]) for m, aggregate in task.metrics.items()
              if per_metric[m]}
-  return TaskOutput(task, metrics, samples, len(docs), time.perf_counter() - start)
+  return TaskOutput(task, metrics, samples, n_total, new_tokens, time.perf_counter() - start)
 
 
 class _naming:
-  """Re-raises a missing field or bad value as a DataError naming the file and record."""
+  """Re-raises a missing field or a DataError as a DataError naming the file and record."""
 
-  def __init__(self, path: str, index: int):
+  def __init__(self, path: epath.Path, index: int):
     self.where = f'{path} record {index}'
 
   def __enter__(self):
@@ -96,16 +123,18 @@ class _naming:
   def __exit__(self, kind, error, traceback):
     if isinstance(error, KeyError):
       raise DataError(f'{self.where}: missing field {error}') from error
-    if isinstance(error, (DataError, TypeError, ValueError, IndexError)):
+    if isinstance(error, DataError):
       raise DataError(f'{self.where}: {error}') from error
     return False
 
 
-def evaluate(generator: Generator, tasks: Iterable[Task], data_dir: str, limit: int = 0,
-             max_new_tokens: int = 0) -> list[TaskOutput]:
+def evaluate(generator: Generator, tasks: Iterable[Task], data_dir: str | epath.PathLike,
+             limit: int = 0, max_new_tokens: int = 0,
+             samples_file: TextIO | None = None) -> list[TaskOutput]:
+  """Runs the tasks in turn (see `run_task`)."""
   outputs = []
   for task in tasks:
-    output = run_task(generator, task, data_dir, limit, max_new_tokens)
+    output = run_task(generator, task, data_dir, limit, max_new_tokens, samples_file)
     logging.info('%s: %s (%d samples, %.0f s)', task.name, output.metrics,
                  len(output.samples), output.seconds)
     outputs.append(output)
@@ -122,7 +151,7 @@ def results_json(outputs: list[TaskOutput], config: dict[str, Any]) -> dict[str,
       results[t.name][f'{metric},none'] = value
       results[t.name][f'{metric}_stderr,none'] = 'N/A'
     configs[t.name] = dict(task=t.name, data_file=t.data, output_type='generate_until',
-                           generation_kwargs=dict(max_new_tokens=t.max_new_tokens,
+                           generation_kwargs=dict(max_new_tokens=out.max_new_tokens,
                                                   temperature=0, do_sample=False),
                            metric_list=[dict(metric=m, higher_is_better=True)
                                         for m in t.metrics])
@@ -139,16 +168,11 @@ def results_json(outputs: list[TaskOutput], config: dict[str, Any]) -> dict[str,
   }
 
 
-def write(output_dir: str, outputs: list[TaskOutput], config: dict[str, Any]) -> dict[str, Any]:
-  """Writes results.json and samples.jsonl to `output_dir`; returns the results."""
-  os.makedirs(output_dir, exist_ok=True)
+def write_results(output_dir: epath.Path, outputs: list[TaskOutput],
+                  config: dict[str, Any]) -> dict[str, Any]:
+  """Writes results.json to `output_dir`; returns the results."""
   results = results_json(outputs, config)
-  with open(os.path.join(output_dir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2, default=str)
-  with open(os.path.join(output_dir, 'samples.jsonl'), 'w') as f:
-    for out in outputs:
-      for sample in out.samples:
-        f.write(json.dumps(dict(task=out.task.name, **sample), default=str) + '\n')
+  (output_dir / 'results.json').write_text(json.dumps(results, indent=2, default=str))
   return results
 
 

@@ -49,7 +49,7 @@ def mme_score(results: Sequence[dict[str, Any]]) -> float:
     for image, pair in images.items():
       if len(pair) != 2:
         raise DataError(f'MME scores question pairs, but image {image!r} ({category}) has '
-                        f'{len(pair)} questions (a --limit must keep both of an image)')
+                        f'{len(pair)} questions')
       scores.append(sum(pair) / 2 * 100 + (sum(pair) == 2) * 100)
     total += sum(scores) / len(scores)
   return total
@@ -139,14 +139,6 @@ def mmbench_circular(results: Sequence[dict[str, Any]]) -> float:
   return 100 * sum(all(g) for g in groups.values()) / len(groups)
 
 
-def mmbench_circular_by(results: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
-  """CircularEval accuracy (%) per value of `key` (category, l2-category)."""
-  by: dict[str, list] = defaultdict(list)
-  for r in results:
-    by[r[key]].append(r)
-  return {k: mmbench_circular(v) for k, v in sorted(by.items())}
-
-
 def exact_match(response: str, target: str) -> float:
   """lmms-eval's exact_match with ignore_case and ignore_punctuation (GQA)."""
   strip = str.maketrans('', '', string.punctuation)
@@ -197,6 +189,7 @@ def mvbench_normalize(answer: str) -> str:
 
 
 def mvbench_accuracy(results: Sequence[dict[str, Any]]) -> float:
-  """Accuracy (%) over the answered samples (a non-empty response)."""
+  """Accuracy (%) over the answered samples: `pred_answer` is the response itself, and only
+  an empty one is left out (as lmms-eval; '.' or '()' count, as wrong answers)."""
   answered = [r for r in results if r['pred_answer'] != '']
   return 100 * sum(r['score'] for r in answered) / len(answered) if answered else 0.0

@@ -1,18 +1,26 @@
 """The benchmark tasks: prompts, visual inputs, generation limits and scoring as lmms-eval's task
-definitions (lmms_eval/tasks/<task>/*.yaml and utils.py) have them; names are lmms-eval's.
+definitions (lmms_eval/tasks/<task>/*.yaml and utils.py) have them; task names are lmms-eval's.
+MVBench's prompts follow lmms-eval's mvbench/*.yaml at commits fd7e12a7 and eaefe801.
+
+Deviations from lmms-eval:
+- MMBench: lmms-eval's `gpt_eval_score` asks a GPT judge when the rule-based extraction fails;
+  here `mmbench_circular` counts such answers as wrong (CircularEval otherwise the same).
+- SEED-Bench: a video question's frames go in as one video (sampled to the run's frame count);
+  lmms-eval passes them as separate images.
 
 A task turns each record (`doc`) of its data file into a prompt with images or a video, scores
 the greedy answer per sample (`process`: metric -> per-sample value) and aggregates per metric.
-Two bases cover most tasks: `short_answer` (a mean of per-sample scores) and `choice`
+Two helpers build the simpler tasks: `short_answer` (a mean of per-sample scores) and `choice`
 (multiple choice answered by letter).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import string
 from typing import Any, Callable
+
+from etils import epath
 
 from lavi_jax.data.errors import DataError
 from lavi_jax.eval import scoring
@@ -25,7 +33,7 @@ DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's models' default when a task sets no
 
 Doc = dict[str, Any]
 # (doc, folder of the data file) -> (image references, video reference or None)
-Visual = Callable[[Doc, str], tuple[tuple[Any, ...], Any]]
+Visual = Callable[[Doc, epath.Path], tuple[tuple[Any, ...], Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +50,11 @@ class Task:
   metrics: dict[str, Callable[[list], Any]]
   headline: str
   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+  # Records scored together (MME: an image's question pair); a limit keeps whole groups.
+  group: Callable[[Doc], Any] | None = None
 
 
-def image(doc: Doc, root: str):
+def image(doc: Doc, root: epath.Path):
   """The record's single `image`."""
   return (media(doc['image'], root, 'field "image"'),), None
 
@@ -94,7 +104,7 @@ def _mme_process(doc: Doc, response: str) -> dict[str, Any]:
 
 MME = Task('mme', 'mme/test', _mme_prompt, image, lambda doc: doc['answer'], _mme_process,
            {'mme_percetion_score': scoring.mme_score, 'mme_cognition_score': scoring.mme_score},
-           'mme_percetion_score', max_new_tokens=16)
+           'mme_percetion_score', max_new_tokens=16, group=lambda doc: doc['question_id'])
 
 
 def _pope_process(doc: Doc, response: str) -> dict[str, Any]:
@@ -137,10 +147,12 @@ def _mmbench_prompt(doc: Doc) -> str:
 
 def _mmbench_process(doc: Doc, response: str) -> dict[str, Any]:
   options = {k: v for k, v in _mmbench_options(doc).items() if k in 'ABCD'}
+  # The dataset's field is 'L2-category'; some exports lower-case it.
+  l2 = doc['L2-category'] if 'L2-category' in doc else doc['l2-category']
   return {'mmbench_circular': {
-      'index': int(doc['index']), 'answer': doc['answer'], 'prediction': response.strip(),
-      'extracted': scoring.mmbench_extract(response.strip(), options) or '',
-      'category': doc['category'], 'l2-category': doc['l2-category']}}
+      'index': int(doc['index']), 'answer': doc['answer'], 'prediction': response,
+      'extracted': scoring.mmbench_extract(response, options) or '',
+      'category': doc['category'], 'L2-category': l2}}
 
 
 MMBENCH = Task('mmbench_en_dev', 'mmbench/dev', _mmbench_prompt, image,
@@ -177,7 +189,7 @@ def _sqa_prompt(doc: Doc) -> str:
   return f'{context}{doc["question"]}\n{choices}\n{LETTER}'
 
 
-def _sqa_visual(doc: Doc, root: str):
+def _sqa_visual(doc: Doc, root: epath.Path):
   return image(doc, root) if doc.get('image') is not None else ((), None)
 
 
@@ -197,8 +209,9 @@ def _seed_prompt(doc: Doc) -> str:
   return f'{doc["question"]}\n{options}\n{LETTER}'
 
 
-def _seed_visual(doc: Doc, root: str):
-  """Image questions: their image; video questions: their frames as one video."""
+def _seed_visual(doc: Doc, root: epath.Path):
+  """Image questions: their image; video questions: their frames as one video (lmms-eval:
+  separate images)."""
   images = doc['image'] if isinstance(doc['image'], list) else [doc['image']]
   if doc['data_type'] == 'video':
     return (), frames_as_video(images, root, 'field "image"')
@@ -225,13 +238,13 @@ def _videomme_prompt(doc: Doc) -> str:
           '\n\nAnswer the question with A, B, C, or D.')
 
 
-def _videomme_visual(doc: Doc, root: str):
+def _videomme_visual(doc: Doc, root: epath.Path):
   """data/{videoID}.mp4 (or .MP4, .mkv) next to the data file."""
   for suffix in ('.mp4', '.MP4', '.mkv'):
-    path = os.path.join(root, 'data', doc['videoID'] + suffix)
-    if os.path.exists(path):
-      return (), path
-  return (), os.path.join(root, 'data', doc['videoID'] + '.mp4')  # reported missing on load
+    path = root / 'data' / (doc['videoID'] + suffix)
+    if path.exists():
+      return (), str(path)
+  return (), str(root / 'data' / (doc['videoID'] + '.mp4'))  # reported missing on load
 
 
 VIDEOMME = choice('videomme', 'videomme/test', _videomme_prompt, lambda doc: doc['answer'],
@@ -257,9 +270,10 @@ MVBENCH_VIDEOS = {
 
 
 def _mvbench_prompt(doc: Doc) -> str:
+  """lmms-eval's prompt; every sub-task's post_prompt is 'Only give the best option.\\n'."""
   options = ''.join(f'({k}) {c}\n' for k, c in zip(letters(len(doc['candidates'])),
                                                    doc['candidates']))
-  return f'Question:{doc["question"]}\nOption:\n{options}{LETTER}'
+  return f'Question:{doc["question"]}\nOption:\n{options}Only give the best option.\n'
 
 
 def _mvbench_answer(doc: Doc) -> str:
@@ -268,12 +282,19 @@ def _mvbench_answer(doc: Doc) -> str:
   return letters(len(doc['candidates']))[doc['candidates'].index(doc['answer'])]
 
 
+def _mvbench_process(doc: Doc, response: str) -> dict[str, Any]:
+  """lmms-eval keeps the response itself as `pred_answer` (an empty one is unanswered)."""
+  gold = _mvbench_answer(doc)
+  return {'mvbench_accuracy': {'pred_answer': response, 'gt_answer': gold,
+                               'score': float(scoring.mvbench_normalize(response) == gold)}}
+
+
 def mvbench(sub_task: str) -> Task:
   folder = MVBENCH_VIDEOS[sub_task]
-  return choice(f'mvbench_{sub_task}', f'mvbench/{sub_task}', _mvbench_prompt, _mvbench_answer,
-                scoring.mvbench_normalize, 'mvbench_accuracy', max_new_tokens=16,
-                visual=lambda doc, root: ((), os.path.join(root, 'video', folder, doc['video'])),
-                aggregate=scoring.mvbench_accuracy)
+  return Task(f'mvbench_{sub_task}', f'mvbench/{sub_task}', _mvbench_prompt,
+              lambda doc, root: ((), str(root / 'video' / folder / doc['video'])),
+              _mvbench_answer, _mvbench_process, {'mvbench_accuracy': scoring.mvbench_accuracy},
+              'mvbench_accuracy', max_new_tokens=16)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [

@@ -24,6 +24,7 @@ from lavi_jax import config as lavi_config
 from lavi_jax import sharding
 from lavi_jax.convert import from_hf
 from lavi_jax.data import pipeline
+from lavi_jax.data.errors import DataError
 from lavi_jax.models import init_params
 from lavi_jax.train import checkpoint as ckpt_lib
 from lavi_jax.train import flops as flops_lib
@@ -81,6 +82,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     lavi_config.validate(config)
+    self.benchmarks = _periodic_eval(config)  # before anything slow: checks the data files
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh(config.mesh)
@@ -93,7 +95,6 @@ class Trainer:
     self.state, self.optimizer_stage = self._initial_state()
     self.writer = MetricsWriter(workdir)
     self._compiled: dict[int, Callable] = {}
-    self.benchmarks = _periodic_eval(config)
 
   def _initial_state(self):
     latest = self.checkpointer.latest_step()
@@ -171,9 +172,12 @@ class Trainer:
       step += 1
       progress.update(1)
       end_of_stage = step == stage.end
+      preempted = self.checkpointer.reached_preemption(step)
       save_now = (end_of_stage or step % self.config.checkpoint.every == 0 or stop.requested
-                  or self.checkpointer.reached_preemption(step))
-      eval_now = self.benchmarks is not None and step % self.config.eval.every == 0
+                  or preempted)
+      eval_now = (self.benchmarks is not None and step % self.config.eval.every == 0
+                  and not (stop.requested or preempted))
+      summary = None
       if step % self.config.train.log_every == 0 or save_now or eval_now:
         fetched = jax.device_get(pending)
         bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched)
@@ -185,37 +189,53 @@ class Trainer:
         elapsed = time.perf_counter() - window_start
         summary = _summarise(fetched, elapsed, step_flops, devices, peak)
         summary['stage'] = stage.name
-        if eval_now:
-          summary.update(self.benchmarks(self.state.params))
-        self.writer.write(step, summary)
         progress.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.2f}')
-        pending, window_start = [], time.perf_counter()
+        pending = []
       if save_now:
         self._save(step, force=stop.requested or end_of_stage)
+      if eval_now:  # after the save, so a failing benchmark costs no training
+        summary.update(self.benchmarks(self.state.params))
+      if summary is not None:
+        self.writer.write(step, summary)
+        window_start = time.perf_counter()
       if stop.requested:
         break
     return step
 
 
 def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] | None:
-  """config.eval: params -> {'eval/TASK/METRIC': headline value}, or None when off."""
+  """config.eval: params -> {'eval/TASK/METRIC': headline value, 'eval/errors': tasks that
+  failed}, or None when off. Raises FileNotFoundError naming the task when a data file is
+  missing; a task that fails during training (bad record, unreadable file) is logged and
+  counted, and training goes on."""
   if not (config.eval.tasks and config.eval.every > 0):
     return None
   if jax.process_count() > 1:
     logging.warning('Benchmarks during training run single-process only; skipped.')
     return None
-  from lavi_jax.eval import runner, tasks  # pylint: disable=import-outside-toplevel
+  from lavi_jax.eval import datasets, runner, tasks  # pylint: disable=import-outside-toplevel
   from lavi_jax.inference.generator import Generator  # pylint: disable=import-outside-toplevel
   selected = tasks.resolve(config.eval.tasks)
+  for task in selected:
+    try:
+      datasets.find_data_file(config.eval.data_dir, task.data)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f'config.eval.tasks: task {task.name}: {e}') from e
   tokenizer = pipeline.make_tokenizer(config.data)
 
   def run(params) -> dict[str, float]:
     generator = Generator(config.model, params, tokenizer, config.data.chat_template,
                           config.data, max_len=config.eval.max_len,
                           batch_size=config.eval.batch_size)
-    outputs = runner.evaluate(generator, selected, config.eval.data_dir, config.eval.limit,
-                              config.eval.max_new_tokens)
-    return runner.headline_metrics(outputs)
+    outputs, errors = [], 0
+    for task in selected:
+      try:
+        outputs += runner.evaluate(generator, [task], config.eval.data_dir, config.eval.limit,
+                                   config.eval.max_new_tokens)
+      except (DataError, OSError) as e:
+        logging.warning('Benchmark %s failed; training goes on: %s', task.name, e)
+        errors += 1
+    return dict(runner.headline_metrics(outputs), **{'eval/errors': errors})
 
   return run
 
