@@ -18,8 +18,9 @@ converted and written one at a time. Tensors are ordered by the parameter they c
 shard needs only its own parameters; those are restored from Orbax (as numpy arrays, no device
 copies) in groups of about 512 MiB (or one larger parameter: a scanned LLM stacks all layers of
 one weight in one parameter) and dropped once written. Each tensor is converted with at most
-one copy (transpose and dtype together; none when neither changes it). Peak host memory is
-therefore about one such group plus one tensor, whatever the shard or model size.
+one copy (layout and dtype together; none when neither changes). Peak host memory is therefore
+set by restoring one such group (Orbax holds about twice its size meanwhile) plus one converted
+tensor, whatever the shard or model size; `convert.bench_export` measures it.
 """
 
 from __future__ import annotations
@@ -284,9 +285,8 @@ def export(checkpoint: str, out_dir: str, dtype: str | None = None,
   try:
     tok = load_tokenizer(tokenizer) if tokenizer else find_tokenizer(checkpoint, source.run)
   except FileNotFoundError as e:
-    logging.warning('%s: no tokenizer (%s), so the export gets no tokenizer files and no '
-                    'generation_config.json; pass --tokenizer (a tokenizer.json / '
-                    'tokenizer.model file or a folder holding one)', checkpoint, e)
+    logging.warning('No tokenizer (%s): the export gets no tokenizer files and no '
+                    'generation_config.json; pass one with --tokenizer', e)
     tok = None
   stored = np.dtype(target or source.shapes[('llm', 'embed_tokens', 'embedding')][1])
   config = export_config(source.model, stored, tok)
