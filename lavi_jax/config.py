@@ -20,6 +20,10 @@ LLM_ARCHS = ('qwen2', 'llama')
 GATES = ('none', 'tanh')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'qkv_proj')
 DTYPES = ('float32', 'bfloat16', 'float16')
+# The LLM's norm (Qwen2/LLaMA name) in front of each modulated sub-layer.
+NORM_OF_SUBLAYER = {'attn': 'input_layernorm', 'mlp': 'post_attention_layernorm'}
+# config.json model_type of a convert.to_torch export, by fusion.
+EXPORT_MODEL_TYPES = {'viln': 'lavi', 'concat': 'llava'}
 
 
 def base_model_config() -> ml_collections.ConfigDict:
@@ -205,6 +209,11 @@ def modulated_layers(model: ml_collections.ConfigDict) -> tuple[bool, ...]:
   return tuple(i in chosen for i in range(n))
 
 
+def group_of_layer(layer: int, num_layers: int, kv_groups: int) -> int:
+  """Conditioner group of an LLM layer: contiguous blocks of layers share a group."""
+  return layer * kv_groups // num_layers
+
+
 def num_modulated_norms(model: ml_collections.ConfigDict) -> int:
   """ViLN-modulated norms of the LLM (each has its own conditioner); 0 for concat."""
   if model.fusion != 'viln':
@@ -222,6 +231,22 @@ def num_visual_tokens_per_frame(vision: ml_collections.ConfigDict, video: bool) 
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key."""
+
+
+def from_export_config(hf: dict, where: str) -> ml_collections.ConfigDict:
+  """The model config (`lavi_config`) of a convert.to_torch export's config.json (dict), checked
+  against its model_type; `where` names the export in errors."""
+  kind = hf.get('model_type')
+  if kind not in EXPORT_MODEL_TYPES.values() or 'lavi_config' not in hf:
+    raise ConfigError(f'{where}: config.json has model_type={kind!r} and '
+                      f'{"a" if "lavi_config" in hf else "no"} lavi_config; a convert.to_torch '
+                      "export has model_type 'lavi' (or 'llava' for fusion='concat') and a "
+                      'lavi_config')
+  model = from_json(hf['lavi_config'])
+  if EXPORT_MODEL_TYPES.get(model.fusion) != kind:
+    raise ConfigError(f'{where}: config.json has model_type {kind!r} with lavi_config.fusion='
+                      f'{model.fusion!r}')
+  return model
 
 
 def _check(ok: bool, key: str, message: str):

@@ -9,6 +9,21 @@ from lavi_jax import config as lavi_config
 from lavi_jax.models import init_params
 
 
+# Export variants (convert.to_torch tests): model overrides as dotted keys. 8 x 8 patches per
+# picture, so that video frames are pooled 2 x 2; layers scanned by default.
+_EXPORT_BASE = {'vision.image_size': 64, 'vision.patch_size': 8, 'vision.video_pool': 2,
+                'scan_layers': True}
+EXPORT_VARIANTS = {
+    'attention': {**_EXPORT_BASE, 'viln.kv_groups': 2, 'viln.sublayers': ('attn', 'mlp', 'final')},
+    'mlp': {**_EXPORT_BASE, 'viln.conditioner': 'mlp', 'viln.every': 2, 'viln.gate': 'tanh'},
+    'conv': {**_EXPORT_BASE, 'viln.conditioner': 'conv', 'viln.kv_groups': 2, 'scan_layers': False},
+    'concat': {**_EXPORT_BASE, 'fusion': 'concat'},
+    # LLaMA: no QKV biases, an untied lm_head.
+    'llama': {**_EXPORT_BASE, 'llm.arch': 'llama', 'llm.qkv_bias': False,
+              'llm.tie_word_embeddings': False},
+}
+
+
 def tiny_config(**model_overrides):
   """configs/tiny.py in float32, with model overrides given as dotted keys ('viln.every': 2)."""
   config = lavi_config.load_config_file('configs/tiny.py')

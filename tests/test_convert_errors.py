@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-import hf_models
 from lavi_jax.convert import hf
+from tests import hf_models
 
 
 @pytest.fixture(scope='module')
@@ -108,3 +108,10 @@ def test_mapping_round_trips():
     y = hf.to_flax(kind, x, entry.shape)
     assert y.shape == entry.shape
     np.testing.assert_array_equal(hf.to_hf(kind, y, entry.hf_shape), x)
+
+
+def test_url_checkpoint_is_refused():
+  """safetensors are memory-mapped: a gs:// folder is refused, naming it."""
+  with pytest.raises(hf.ConversionError, match='gs://bucket/llm: safetensors checkpoints are '
+                     'read from a local folder'):
+    hf.Checkpoint('gs://bucket/llm')

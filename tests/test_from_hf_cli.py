@@ -6,8 +6,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-import hf_models
 from lavi_jax.convert import from_hf, hf
+from lavi_jax.models.llm import layer_param_path
+from tests import hf_models
 
 TINY = str(pathlib.Path(__file__).parents[1] / 'configs' / 'tiny.py')
 
@@ -37,7 +38,9 @@ def test_llm_and_vision(tmp_path):
   _, vit = hf.load_hf_vision(vision_dir, model)
   assert_contains(params, {'llm': llm, 'vit': vit})
   jax.tree.map(np.testing.assert_array_equal, params['vit'], vit)  # all of the ViT is imported
-  layer = params['llm']['layers']['layer_0']
+  layer = params['llm']
+  for key in layer_param_path(model, 0)[0]:  # configs/tiny.py does not scan its layers
+    layer = layer[key]
   for norm in ('input_layernorm', 'post_attention_layernorm'):
     conditioner = layer[norm]['conditioner']
     assert not np.asarray(conditioner['o_proj']['kernel']).any()  # zero last projection

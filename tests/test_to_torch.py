@@ -9,26 +9,16 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from helpers import random_params, tiny_config
 from lavi_jax.convert import from_hf, hf, to_torch
 from lavi_jax.data import synthetic
 from lavi_jax.models import init_params
-
-# 8 x 8 patches per picture, so that video frames are pooled 2 x 2; layers scanned by default.
-_BASE = {'vision.image_size': 64, 'vision.patch_size': 8, 'vision.video_pool': 2,
-         'scan_layers': True}
-VARIANTS = {
-    # name: model overrides (dotted keys)
-    'attention': {**_BASE, 'viln.kv_groups': 2, 'viln.sublayers': ('attn', 'mlp', 'final')},
-    'mlp': {**_BASE, 'viln.conditioner': 'mlp', 'viln.every': 2, 'viln.gate': 'tanh'},
-    'conv': {**_BASE, 'viln.conditioner': 'conv', 'viln.kv_groups': 2, 'scan_layers': False},
-    'concat': {**_BASE, 'fusion': 'concat'},
-}
+from tests.helpers import EXPORT_VARIANTS as VARIANTS
+from tests.helpers import random_params, tiny_config
 
 
-def converted(tmp_path, variant='attention', tokenizer=True, seed=0):
+def converted(tmp_path, variant='attention', tokenizer=True, seed=0, variants=VARIANTS):
   """A convert.from_hf-style folder of random parameters: (folder, model config, params)."""
-  model = tiny_config(**VARIANTS[variant]).model
+  model = tiny_config(**variants[variant]).model
   params = random_params(model, seed)
   folder = tmp_path / f'jax_{variant}'
   from_hf.save_converted(folder, model, jax.tree.map(np.asarray, params))
@@ -68,7 +58,7 @@ def test_round_trip_is_bitwise(tmp_path, variant):
   to_torch.main(['--checkpoint', str(folder), '--out', str(out)])
   config = json.loads((out / 'config.json').read_text())
   assert config['model_type'] == ('llava' if variant == 'concat' else 'lavi')
-  assert config['text_config']['model_type'] == 'qwen2'
+  assert config['text_config']['model_type'] == model.llm.arch
   assert config['vision_config']['model_type'] == 'siglip_vision_model'
   assert {'tokenizer.json', 'tokenizer_config.json', 'generation_config.json'} <= {
       f.name for f in out.iterdir()}
@@ -85,7 +75,7 @@ def test_round_trip_is_bitwise(tmp_path, variant):
   assert_same(params, from_hf.load_converted(tmp_path / 'back')[1])
 
 
-def test_sharded_bf16_export(tmp_path, monkeypatch):
+def test_sharded_bf16_export(tmp_path, monkeypatch, caplog):
   from safetensors import safe_open
   folder, model, params = converted(tmp_path, tokenizer=False)
   reads = []
@@ -101,6 +91,7 @@ def test_sharded_bf16_export(tmp_path, monkeypatch):
   stored = json.loads((out / 'model.safetensors.index.json').read_text())
   assert stored == index
   assert not (out / 'generation_config.json').exists()  # no tokenizer in the folder
+  assert 'no generation_config.json; pass one with --tokenizer' in caplog.text
   total = 0
   for file in files:
     with safe_open(out / file, 'np') as f:
@@ -140,9 +131,8 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
   with pytest.raises(hf.ConversionError,
                      match='unexpected llm/layers/layer_0/self_attn/k_proj/bias'):
     to_torch.export(str(folder), str(tmp_path / 'out'))
-  VARIANTS['no-bias'] = {'llm.qkv_bias': False}  # a model Qwen2 cannot express
-  folder, _, _ = converted(tmp_path, 'no-bias', tokenizer=False)
-  del VARIANTS['no-bias']
+  folder, _, _ = converted(tmp_path, 'no-bias', tokenizer=False,  # one Qwen2 cannot express
+                           variants={'no-bias': {'llm.qkv_bias': False}})
   with pytest.raises(hf.ConversionError, match='model.llm.qkv_bias=False with arch=.qwen2.'):
     to_torch.export(str(folder), str(tmp_path / 'out'))
   with pytest.raises(FileNotFoundError, match='neither'):
@@ -189,6 +179,9 @@ def test_training_workdir(tmp_path):
   checkpointer.close()
   to_torch.export(str(tmp_path / 'run'), str(tmp_path / 'torch'))
   assert_same(jax.tree.map(lambda x: x * 2, params), hf.load_hf_lavi(tmp_path / 'torch')[1])
+  to_torch.main(['--checkpoint', str(tmp_path / 'run'), '--out', str(tmp_path / 'step1'),
+                 '--step', '1'])
+  assert_same(params, hf.load_hf_lavi(tmp_path / 'step1')[1])
   tokenizer = synthetic.synthetic_tokenizer()
   saved = json.loads((tmp_path / 'torch' / 'tokenizer.json').read_text())
   assert saved['model']['vocab'] == json.loads(tokenizer.tokenizer.to_str())['model']['vocab']
@@ -197,11 +190,13 @@ def test_training_workdir(tmp_path):
 
 
 def test_sentencepiece_tokenizer_is_copied(tmp_path):
+  """Given by --tokenizer (not in the checkpoint folder)."""
   from tests.data_files import train_sentencepiece
   folder, _, _ = converted(tmp_path, tokenizer=False)
-  model_file = train_sentencepiece(folder / 'tokenizer.model')
+  (tmp_path / 'sp').mkdir()
+  model_file = train_sentencepiece(tmp_path / 'sp' / 'tokenizer.model')
   out = tmp_path / 'torch'
-  to_torch.export(str(folder), str(out))
+  to_torch.main(['--checkpoint', str(folder), '--out', str(out), '--tokenizer', str(model_file)])
   assert (out / 'tokenizer.model').read_bytes() == model_file.read_bytes()
   settings = json.loads((out / 'tokenizer_config.json').read_text())
   assert settings['eos_token'] == '</s>' and settings['tokenizer_class'] == 'LlamaTokenizer'

@@ -1,29 +1,61 @@
 """`convert.torch_lavi` on `convert.to_torch` exports: the logits and greedy tokens of the JAX
-model; bf16 exports; the language part as a plain Qwen2ForCausalLM; concat as LLaVA."""
+model; bf16 exports; the language part as a plain Qwen2ForCausalLM / LlamaForCausalLM; concat as
+LLaVA."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import random_params, tiny_config
 from lavi_jax.convert import from_hf, to_torch
 from lavi_jax.inference import decode
 from lavi_jax.models import LaVi
-from test_to_torch import VARIANTS
+from tests.helpers import EXPORT_VARIANTS as VARIANTS
+from tests.helpers import random_params, tiny_config
 
 IMAGE, VIDEO = 1, 2  # configs/tiny.py's placeholder ids
 
 
-def export(tmp_path, variant, dtype=None, params=None):
-  """(model config, JAX params, export folder) of random parameters."""
-  model = tiny_config(**VARIANTS[variant]).model
-  params = random_params(model, 0, scale=0.1) if params is None else params(model)
-  folder = tmp_path / 'jax'
-  from_hf.save_converted(folder, model, jax.tree.map(np.asarray, params))
-  to_torch.export(str(folder), str(tmp_path / 'torch'), dtype)
-  return model, params, tmp_path / 'torch'
+def random(model):
+  return random_params(model, 0, scale=0.1)
+
+
+def zero_conditioners(model):
+  """Random parameters, the conditioners' last projections zero (as initialised)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 0 if any(getattr(k, 'key', None) == 'o_proj' for k in path) and any(
+          getattr(k, 'key', None) == 'conditioner' for k in path) else x, random(model))
+
+
+def no_frame_index(model):
+  """Random parameters, no frame-index embedding (LLaVA has none; zero when imported from it)."""
+  params = random(model)
+  params['frame_index']['embedding'] *= 0
+  return params
+
+
+@pytest.fixture(scope='module')
+def exports(tmp_path_factory):
+  """get(variant, dtype=None, params=random) -> (model config, JAX params, export folder), each
+  exported once per module (the tests only read them)."""
+  made = {}
+
+  def get(variant, dtype=None, params=random):
+    key = (variant, params.__name__)
+    if key not in made:
+      model = tiny_config(**VARIANTS[variant]).model
+      folder = tmp_path_factory.mktemp(f'{variant}_{params.__name__}')
+      made[key] = model, params(model), folder
+      from_hf.save_converted(folder / 'jax', model, jax.tree.map(np.asarray, made[key][1]))
+    model, values, folder = made[key]
+    out = folder / (dtype or 'stored')
+    if not out.exists():
+      to_torch.export(str(folder / 'jax'), str(out), dtype)
+    return model, values, out
+
+  return get
 
 
 def inputs(seed=0):
@@ -51,22 +83,26 @@ def torch_logits(torch_model, ids, mask, images=None, videos=None):
     return torch_model(ids, mask, as_torch(images), as_torch(videos)).float().numpy()
 
 
+def jax_logits(model, params, ids, mask, images=None, videos=None):
+  return np.asarray(jax.jit(LaVi(model).apply)({'params': params}, ids, mask, images=images,
+                                               videos=videos))
+
+
 @pytest.mark.parametrize('variant', list(VARIANTS))
-def test_logits_match_jax(tmp_path, variant):
+def test_logits_match_jax(exports, variant):
   from lavi_jax.convert import torch_lavi
-  model, params, folder = export(tmp_path, variant)
+  model, params, folder = exports(variant)
   torch_model = torch_lavi.LaVi.from_pretrained(folder)
   ids, mask, images, videos = inputs()
-  ours = np.asarray(jax.jit(LaVi(model).apply)({'params': params}, ids, mask, images=images,
-                                               videos=videos))
+  ours = jax_logits(model, params, ids, mask, images, videos)
   ref = torch_logits(torch_model, ids, mask, images, videos)
   np.testing.assert_allclose(ref[mask], ours[mask], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize('variant', ['attention', 'concat'])
-def test_greedy_generate_matches_jax(tmp_path, variant):
+@pytest.mark.parametrize('variant', ['attention', 'concat', 'llama'])
+def test_greedy_generate_matches_jax(exports, variant):
   from lavi_jax.convert import torch_lavi
-  model, params, folder = export(tmp_path, variant)
+  model, params, folder = exports(variant)
   torch_model = torch_lavi.LaVi.from_pretrained(folder)
   ids, mask, images, videos = inputs(1)
   stop = 7
@@ -81,56 +117,57 @@ def test_greedy_generate_matches_jax(tmp_path, variant):
   assert sampled.shape == (2, 4) and (sampled < model.llm.vocab_size).all()
 
 
-def zero_conditioners(model):
-  """Random parameters, the conditioners' last projections zero (as initialised)."""
-  params = random_params(model, 0, scale=0.1)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x * 0 if any(getattr(k, 'key', None) == 'o_proj' for k in path) and any(
-          getattr(k, 'key', None) == 'conditioner' for k in path) else x, params)
+def plain_logits(folder, dtype, ids, mask):
+  """Logits of the export's language part alone, as a Qwen2ForCausalLM / LlamaForCausalLM."""
+  import torch
+  import transformers
+  text = json.loads((folder / 'config.json').read_text())['text_config']
+  config_class, model_class = {
+      'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+      'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[text['model_type']]
+  llm = model_class.from_pretrained(folder, config=config_class(**text), dtype=dtype)
+  with torch.no_grad():
+    return llm(input_ids=torch.tensor(ids),
+               attention_mask=torch.tensor(mask.astype(np.int64))).logits.float().numpy()
 
 
-def test_bf16_export_and_plain_qwen2(tmp_path):
+def test_bf16_export_and_plain_qwen2(exports):
   """bf16 logits close to JAX's (float32); with zero conditioners the language part alone, as a
   Qwen2ForCausalLM, gives LaVi's logits (float32: equal, bf16: as close)."""
   import torch
-  import transformers
   from lavi_jax.convert import torch_lavi
-  model, params, folder = export(tmp_path, 'attention', 'bfloat16', zero_conditioners)
-  to_torch.export(str(tmp_path / 'jax'), str(tmp_path / 'f32'))
+  model, params, folder = exports('attention', 'bfloat16', zero_conditioners)
+  _, _, f32 = exports('attention', None, zero_conditioners)
   ids, mask, images, videos = inputs()
-  ours = np.asarray(jax.jit(LaVi(model).apply)({'params': params}, ids, mask, images=images,
-                                               videos=videos))[mask]
+  ours = jax_logits(model, params, ids, mask, images, videos)[mask]
   tolerance = 0.05 * np.abs(ours).max()  # bf16 weights and activations
   lavi = torch_lavi.LaVi.from_pretrained(folder)
   assert lavi.model.embed_tokens.weight.dtype == torch.bfloat16
   assert np.abs(torch_logits(lavi, ids, mask, images, videos)[mask] - ours).max() < tolerance
-
-  text_config = transformers.Qwen2Config(**json.loads((folder / 'config.json').read_text())[
-      'text_config'])
-  for path, dtype, atol in ((folder, torch.bfloat16, tolerance), (tmp_path / 'f32',
-                                                                  torch.float32, 1e-4)):
-    qwen2 = transformers.Qwen2ForCausalLM.from_pretrained(path, config=text_config, dtype=dtype)
-    with torch.no_grad():
-      plain = qwen2(input_ids=torch.tensor(ids),
-                    attention_mask=torch.tensor(mask.astype(np.int64))).logits.float().numpy()
-    np.testing.assert_allclose(plain[mask], ours, rtol=0, atol=atol)
+  for path, dtype, atol in ((folder, torch.bfloat16, tolerance), (f32, torch.float32, 1e-4)):
+    np.testing.assert_allclose(plain_logits(path, dtype, ids, mask)[mask], ours, rtol=0,
+                               atol=atol)
 
 
-def test_concat_export_is_llava(tmp_path):
+def test_llama_language_part_is_plain_llama(exports):
+  """LLaMA (no QKV biases, untied lm_head), zero conditioners: a LlamaForCausalLM."""
+  import torch
+  model, params, folder = exports('llama', None, zero_conditioners)
+  ids, mask, images, videos = inputs()
+  ours = jax_logits(model, params, ids, mask, images, videos)[mask]
+  np.testing.assert_allclose(plain_logits(folder, torch.float32, ids, mask)[mask], ours, rtol=0,
+                             atol=1e-4)
+
+
+def test_concat_export_is_llava(exports):
   import torch
   import transformers
-
-  def no_frame_index(model):  # LLaVA has none (it is zero when imported from LLaVA)
-    params = random_params(model, 0, scale=0.1)
-    params['frame_index']['embedding'] *= 0
-    return params
-
-  model, params, folder = export(tmp_path, 'concat', params=no_frame_index)
+  model, params, folder = exports('concat', params=no_frame_index)
   llava = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
   ids, mask, images, _ = inputs()
   ids[0, 5], ids[1, 0] = 9, 9  # one image per row, one crop each; no video
   images = dict(pixel_values=images['pixel_values'][:, :1])
-  ours = np.asarray(jax.jit(LaVi(model).apply)({'params': params}, ids, mask, images=images))
+  ours = jax_logits(model, params, ids, mask, images)
   per_image = (model.vision.image_size // model.vision.patch_size) ** 2
   rows = [np.concatenate([[t] * (per_image if t == IMAGE else 1) for t in row[m]])
           for row, m in zip(ids, mask)]
@@ -147,9 +184,9 @@ def test_concat_export_is_llava(tmp_path):
     np.testing.assert_allclose(ref[b, last], ours[b][mask[b]], rtol=0, atol=1e-4)
 
 
-def test_unknown_config_is_refused(tmp_path):
+def test_unknown_config_is_refused(exports, tmp_path):
   from lavi_jax.convert import torch_lavi
-  _, _, folder = export(tmp_path, 'mlp')
+  folder = shutil.copytree(exports('mlp')[2], tmp_path / 'torch')
   config = json.loads((folder / 'config.json').read_text())
   (folder / 'config.json').write_text(json.dumps({**config, 'model_type': 'qwen2'}))
   with pytest.raises(ValueError, match="model_type='qwen2' and a lavi_config"):

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lavi_jax import config as lavi_config
+from lavi_jax import paths
 from lavi_jax.convert import hf
 from lavi_jax.models.lavi import init_params
 
@@ -55,19 +56,13 @@ def _to_device(tree: dict):
       tree[key] = jax.device_put(value)
 
 
-def _absolute(path: str | epath.PathLike) -> epath.Path:
-  """Orbax wants absolute paths; URLs (gs://...) already are."""
-  path = epath.Path(path)
-  return path if path.is_absolute() else path.resolve()
-
-
 def save_converted(out_dir: str | epath.PathLike, model: ml_collections.ConfigDict, params):
   """Writes `{out_dir}/model_config.json` and the Orbax checkpoint `{out_dir}/params`.
 
   The leaves of `params` become jax arrays (in place), so that the checkpoint restores with any
   sharding.
   """
-  out = _absolute(out_dir)
+  out = paths.absolute(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'model_config.json').write_text(model.to_json(indent=2))
   _to_device(params)
@@ -83,7 +78,7 @@ def load_converted(out_dir: str | epath.PathLike,
   `abstract_params`: ShapeDtypeStructs with shardings to restore onto (default: the stored
   model's shapes on the default device).
   """
-  out = _absolute(out_dir)
+  out = paths.absolute(out_dir)
   if not (out / 'model_config.json').is_file():
     raise FileNotFoundError(f'{out} has no model_config.json: not a convert.from_hf output')
   model = lavi_config.from_json(json.loads((out / 'model_config.json').read_text()))
@@ -91,6 +86,17 @@ def load_converted(out_dir: str | epath.PathLike,
     abstract_params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
   params = ocp.StandardCheckpointer().restore(out / 'params', abstract_params)
   return model, params
+
+
+def checkpoint_kind(path: str) -> str:
+  """'converted' (a convert.from_hf output) or 'workdir' (a training workdir) for `path`."""
+  folder = epath.Path(path)
+  if (folder / 'model_config.json').exists():
+    return 'converted'
+  if (folder / 'checkpoints').exists():
+    return 'workdir'
+  raise FileNotFoundError(f'{path} is neither a convert.from_hf output (model_config.json) '
+                          'nor a training workdir (checkpoints/)')
 
 
 def load_config_file_model(path: str) -> ml_collections.ConfigDict:

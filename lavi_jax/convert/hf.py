@@ -30,9 +30,11 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 from lavi_jax import config as lavi_config
+from lavi_jax import paths
 from lavi_jax.models.lavi import init_params
 from lavi_jax.models.llm import layer_param_path
 
@@ -56,9 +58,13 @@ _SAFETENSORS_DTYPES = {
 
 class Checkpoint:
   """The tensors of a HF checkpoint folder (`model.safetensors`, or shards listed in
-  `model.safetensors.index.json`), memory-mapped; `read` returns a view without copying."""
+  `model.safetensors.index.json`), memory-mapped; `read` returns a view without copying. The
+  folder must be local (memory-mapping needs a local file)."""
 
   def __init__(self, path: str | pathlib.Path):
+    if paths.is_url(path):
+      raise ConversionError(f'{path}: safetensors checkpoints are read from a local folder; copy '
+                            'it to a local disk first (e.g. gcloud storage cp -r)')
     folder = pathlib.Path(path)
     index = folder / 'model.safetensors.index.json'
     if index.is_file():
@@ -98,8 +104,8 @@ class Checkpoint:
     return raw.view(dtype).reshape(shape)
 
 
-def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
-  file = pathlib.Path(path) / 'config.json'
+def read_hf_config(path: str | epath.PathLike) -> dict[str, Any]:
+  file = epath.Path(path) / 'config.json'
   if not file.is_file():
     raise ConversionError(f'{path}: no config.json')
   return json.loads(file.read_text())
@@ -284,7 +290,7 @@ def llm_tensor_map(model: ml_collections.ConfigDict, body: str = 'model.',
   for proj, hf_shape in (('gate', (f, d)), ('up', (f, d)), ('down', (d, f))):
     spec.append((f'mlp.{proj}_proj.weight', ('mlp', f'{proj}_proj', 'kernel'), hf_shape,
                  hf_shape[::-1], 'linear'))
-  for norm in ('input_layernorm', 'post_attention_layernorm'):
+  for norm in lavi_config.NORM_OF_SUBLAYER.values():
     spec.append((f'{norm}.weight', (norm, 'scale'), (d,), (d,), 'copy'))
   entries = [Entry(f'{body}embed_tokens.weight', ('llm', 'embed_tokens', 'embedding'), None,
                    (v, d), (v, d), 'copy')]
@@ -358,9 +364,6 @@ def frame_index_entry(model: ml_collections.ConfigDict, name: str = 'frame_index
   return Entry(name, ('frame_index', 'embedding'), None, shape, shape, 'copy')
 
 
-_NORM_OF_SUBLAYER = {'attn': 'input_layernorm', 'mlp': 'post_attention_layernorm'}
-
-
 def conditioner_tensor_map(model: ml_collections.ConfigDict,
                            prefix: str = 'conditioners.') -> list[Entry]:
   """Entries of the ViLN conditioners (fusion='viln'); G groups, Hc x Dc heads, F = mlp_dim.
@@ -413,8 +416,8 @@ def conditioner_tensor_map(model: ml_collections.ConfigDict,
   norms = []  # (HF name, path of the ViLN, index)
   for layer, modulated in enumerate(lavi_config.modulated_layers(model)):
     where, index = layer_param_path(model, layer)
-    norms += [(f'layers.{layer}.{_NORM_OF_SUBLAYER[s]}.', ('llm',) + where +
-               (_NORM_OF_SUBLAYER[s],), index)
+    norms += [(f'layers.{layer}.{lavi_config.NORM_OF_SUBLAYER[s]}.', ('llm',) + where +
+               (lavi_config.NORM_OF_SUBLAYER[s],), index)
               for s in ('attn', 'mlp') if modulated and s in viln.sublayers]
   if 'final' in viln.sublayers:
     norms.append(('norm.', ('llm', 'norm'), None))
@@ -661,18 +664,12 @@ def load_hf_lavi(path: str | pathlib.Path, dtype: str | np.dtype | None = None
   LLaVA export, feature layers and placeholder ids) from its Hugging Face configs.
   """
   hf = read_hf_config(path)
-  kind = hf.get('model_type')
-  if kind not in ('lavi', 'llava') or 'lavi_config' not in hf:
-    _unsupported('export', f'{path}: config.json has model_type={kind!r} and '
-                 f'{"a" if "lavi_config" in hf else "no"} lavi_config; a convert.to_torch export '
-                 "has model_type 'lavi' (or 'llava' for fusion='concat') and a lavi_config")
-  model = lavi_config.from_json(hf['lavi_config'])
-  if kind == 'llava':
-    if model.fusion != 'concat':
-      _unsupported('export', f"{path}: model_type 'llava' with fusion={model.fusion!r}")
+  try:
+    model = lavi_config.from_export_config(hf, str(path))
+  except lavi_config.ConfigError as e:
+    raise ConversionError(f'unsupported export: {e}') from e
+  if model.fusion == 'concat':
     return load_hf_llava(path, model, dtype, fusion='concat')
-  if model.fusion != 'viln':
-    _unsupported('export', f"{path}: model_type 'lavi' with fusion={model.fusion!r}")
   text = hf.get('text_config', {})
   model = _updated(model, llm=llm_section(text, text.get('tie_word_embeddings')),
                    vision=vision_section(hf.get('vision_config', {})))

@@ -1,22 +1,26 @@
 """A LaVi checkpoint -> a Hugging Face-style PyTorch folder.
 
-    python -m lavi_jax.convert.to_torch --checkpoint DIR --out DIR [--dtype bfloat16]
-        [--max-shard-size 5GB]
+    python -m lavi_jax.convert.to_torch --checkpoint DIR --out DIR [--step N] [--dtype bfloat16]
+        [--max-shard-size 5GB] [--tokenizer PATH]
 
-DIR is a training workdir (its latest checkpoint, or --step) or a `convert.from_hf` output. The
-folder gets `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards and
-`model.safetensors.index.json`), `generation_config.json` and the tokenizer when the checkpoint
-names one. Tensor names and transforms are `hf.export_tensor_map`'s: for fusion='viln'
-(`model_type: lavi`, read by `convert.torch_lavi`) the LLM as in Qwen2ForCausalLM /
-LlamaForCausalLM, the vision tower as SigLIP, the LLaVA projector, `frame_index.weight` and the
-conditioners under `conditioners.`; for fusion='concat' a LlavaForConditionalGeneration folder.
+DIR is a training workdir (its latest checkpoint, or --step) or a `convert.from_hf` output; both
+may be URLs (gs://...), as may the output folder. The folder gets `config.json`,
+`model.safetensors` (or `model-0000i-of-0000n.safetensors` shards and
+`model.safetensors.index.json`) and, when there is a tokenizer (--tokenizer, else the run's, else
+one in a convert.from_hf folder), the tokenizer files and `generation_config.json`. Tensor names
+and transforms are `hf.export_tensor_map`'s: for fusion='viln' (`model_type: lavi`, read by
+`convert.torch_lavi`) the LLM as in Qwen2ForCausalLM / LlamaForCausalLM, the vision tower as
+SigLIP, the LLaVA projector, `frame_index.weight` and the conditioners under `conditioners.`;
+for fusion='concat' a LlavaForConditionalGeneration folder.
 
 Streaming: each shard's header is computed up front from the shapes, then its tensors are
 converted and written one at a time. Tensors are ordered by the parameter they come from, so a
 shard needs only its own parameters; those are restored from Orbax (as numpy arrays, no device
-copies) in groups of about 512 MiB and dropped once written. Peak host memory is therefore
-about one such group plus the largest parameter (a scanned LLM stacks all layers of one weight
-in one parameter), whatever the shard or model size.
+copies) in groups of about 512 MiB (or one larger parameter: a scanned LLM stacks all layers of
+one weight in one parameter) and dropped once written. Each tensor is converted with at most
+one copy (layout and dtype together; none when neither changes). Peak host memory is therefore
+set by restoring one such group (Orbax holds about twice its size meanwhile) plus one converted
+tensor, whatever the shard or model size; `convert.bench_export` measures it.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pathlib
 import re
-import shutil
 import struct
 from typing import Any, Iterable, Sequence
 
@@ -36,13 +38,15 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from flax import traverse_util
 
 from lavi_jax import config as lavi_config
-from lavi_jax.convert import hf
-from lavi_jax.data import chat, pipeline
-from lavi_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
-from lavi_jax.inference.generator import TEMPLATE_OF_ARCH
+from lavi_jax.convert import from_hf, hf
+from lavi_jax.data import chat
+from lavi_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from lavi_jax.inference.generator import TEMPLATE_OF_ARCH, find_tokenizer
 from lavi_jax.models import init_params
 from lavi_jax.train import checkpoint as ckpt_lib
 
@@ -71,23 +75,24 @@ class Source:
   shapes ({path: (shape, dtype)} as stored).
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, step: int | None = None):
+    """`step`: that checkpoint of a training workdir (default: the latest)."""
     folder = epath.Path(path)
-    if (folder / 'model_config.json').exists():  # convert.from_hf output
+    if from_hf.checkpoint_kind(path) == 'converted':
+      if step is not None:
+        raise ValueError(f'{path}: a step is only for a training workdir, not a convert.from_hf '
+                         'output')
       self.model = lavi_config.from_json(json.loads((folder / 'model_config.json').read_text()))
       self.run, self.directory, self.root = None, folder / 'params', ()
-    elif (folder / 'checkpoints').exists():
-      self.run, self.directory = ckpt_lib.find_checkpoint(path)
-      self.model, self.root = self.run.model, ('params',)
     else:
-      raise FileNotFoundError(f'{path} is neither a convert.from_hf output (model_config.json) '
-                              'nor a training workdir (checkpoints/)')
+      self.run, self.directory = ckpt_lib.find_checkpoint(path, step)
+      self.model, self.root = self.run.model, ('params',)
     self.path = path
     tree = ocp.PyTreeCheckpointer().metadata(self.directory).item_metadata.tree
     for key in self.root:
       tree = tree[key]
-    self.shapes = {tuple(k): (tuple(v.shape), np.dtype(v.dtype))
-                   for k, v in _flatten(tree).items()}
+    self.shapes = {k: (tuple(v.shape), np.dtype(v.dtype))
+                   for k, v in traverse_util.flatten_dict(tree).items()}
 
   def check(self):
     """The stored parameters are exactly those of `LaVi(self.model)`, shapes included."""
@@ -96,7 +101,7 @@ class Source:
     except lavi_config.ConfigError as e:
       raise hf.ConversionError(f'{self.path}: the stored model config is invalid: {e}') from e
     abstract = jax.eval_shape(lambda: nn.unbox(init_params(self.model, jax.random.key(0))))
-    expected = {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
+    expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
     name = lambda path: '/'.join(path)
     problems = [f'missing {name(p)}' for p in sorted(set(expected) - set(self.shapes))]
     problems += [f'unexpected {name(p)}' for p in sorted(set(self.shapes) - set(expected))]
@@ -122,17 +127,7 @@ class Source:
                                                     partial_restore=True))
     for key in self.root:
       restored = restored[key]
-    return {tuple(k): v for k, v in _flatten(restored).items()}
-
-
-def _flatten(tree, prefix=()) -> dict[Path, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
+    return traverse_util.flatten_dict(restored)
 
 
 def plan_shards(entries: list[hf.Entry], dtype: np.dtype, max_bytes: int
@@ -153,7 +148,7 @@ def plan_shards(entries: list[hf.Entry], dtype: np.dtype, max_bytes: int
   return shards
 
 
-def write_safetensors(file: pathlib.Path, specs: list[tuple[str, tuple[int, ...], np.dtype]],
+def write_safetensors(file: epath.Path, specs: list[tuple[str, tuple[int, ...], np.dtype]],
                       tensors: Iterable[np.ndarray]):
   """Writes a safetensors file from (name, shape, dtype) `specs` and the `tensors` in that order,
   one at a time: the header (offsets from the shapes) first, then each tensor as it comes."""
@@ -166,7 +161,7 @@ def write_safetensors(file: pathlib.Path, specs: list[tuple[str, tuple[int, ...]
   header['__metadata__'] = {'format': 'pt'}
   raw = json.dumps(header, separators=(',', ':')).encode()
   raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
-  with open(file, 'wb') as f:
+  with epath.Path(file).open('wb') as f:
     f.write(struct.pack('<Q', len(raw)))
     f.write(raw)
     for (name, shape, dtype), x in zip(specs, tensors, strict=True):
@@ -175,7 +170,7 @@ def write_safetensors(file: pathlib.Path, specs: list[tuple[str, tuple[int, ...]
       f.write(np.ascontiguousarray(x).view(np.uint8).data)
 
 
-def write_weights(source: Source, out: pathlib.Path, dtype: np.dtype | None,
+def write_weights(source: Source, out: epath.Path, dtype: np.dtype | None,
                   max_bytes: int) -> dict[str, Any]:
   """Writes the shards (and the index when there is more than one); returns the index.
 
@@ -205,7 +200,8 @@ def write_weights(source: Source, out: pathlib.Path, dtype: np.dtype | None,
             next_path += 1
           loaded.update(source.read(group))
         leaf = loaded[e.path] if e.index is None else loaded[e.path][e.index]
-        yield hf.to_hf(e.kind, leaf, e.hf_shape).astype(dtypes[e.path])
+        # One copy at most: C order and the target dtype at once.
+        yield np.asarray(hf.to_hf(e.kind, leaf, e.hf_shape), dtypes[e.path], order='C')
         if last_use[e.path] == j:
           del loaded[e.path]
 
@@ -235,42 +231,25 @@ def export_config(model: ml_collections.ConfigDict, dtype: np.dtype,
                 lavi_config=json.loads(model.to_json_best_effort()))
   if model.fusion == 'concat':
     side = model.vision.image_size // model.vision.patch_size
-    return dict(model_type='llava', architectures=['LlavaForConditionalGeneration'],
+    return dict(model_type=lavi_config.EXPORT_MODEL_TYPES['concat'],
+                architectures=['LlavaForConditionalGeneration'],
                 image_token_index=model.image_token_id, vision_feature_select_strategy='full',
                 projector_hidden_act='gelu', multimodal_projector_bias=True,
                 image_seq_length=side * side, **common)
-  return dict(model_type='lavi', architectures=['LaViForConditionalGeneration'],
+  return dict(model_type=lavi_config.EXPORT_MODEL_TYPES['viln'],
+              architectures=['LaViForConditionalGeneration'],
               image_token_id=model.image_token_id, video_token_id=model.video_token_id,
               **common)
 
 
-def find_tokenizer(source: Source) -> tuple[Tokenizer | None, pathlib.Path | None]:
-  """(tokenizer, its SentencePiece file or None): the run's data.tokenizer, else a
-  tokenizer.json / tokenizer.model in a convert.from_hf folder, else (None, None)."""
-  if source.run is not None:
-    where = source.run.data.tokenizer
-    tokenizer = pipeline.make_tokenizer(source.run.data)
-  else:
-    where = source.path
-    try:
-      tokenizer = load_tokenizer(where)
-    except FileNotFoundError:
-      return None, None
-  if isinstance(tokenizer, SentencePieceTokenizer):
-    file = pathlib.Path(where)
-    return tokenizer, file / 'tokenizer.model' if file.is_dir() else file
-  return tokenizer, None
-
-
-def write_tokenizer(out: pathlib.Path, tokenizer: Tokenizer,
-                    sentencepiece_file: pathlib.Path | None):
+def write_tokenizer(out: epath.Path, tokenizer: Tokenizer):
   """tokenizer.json (placeholders included) or tokenizer.model, and tokenizer_config.json."""
   if isinstance(tokenizer, HFTokenizer):
     tokenizer.save(out / 'tokenizer.json')
     token = tokenizer.tokenizer.id_to_token
     tokenizer_class = 'PreTrainedTokenizerFast'
   else:
-    shutil.copyfile(sentencepiece_file, out / 'tokenizer.model')
+    (out / 'tokenizer.model').write_bytes(tokenizer.processor.serialized_model_proto())
     token = tokenizer.processor.id_to_piece
     tokenizer_class = 'LlamaTokenizer'
   names = {f'{key}_token': token(i) for key, i in (('bos', tokenizer.bos_id),
@@ -292,23 +271,31 @@ def generation_config(model: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
 
 def export(checkpoint: str, out_dir: str, dtype: str | None = None,
-           max_shard_size: str | int = '5GB') -> dict[str, Any]:
-  """Converts `checkpoint` into `out_dir` (see the module docstring); returns the index."""
-  source = Source(checkpoint)
+           max_shard_size: str | int = '5GB', step: int | None = None,
+           tokenizer: str | None = None) -> dict[str, Any]:
+  """Converts `checkpoint` (at `step`, for a training workdir) into `out_dir` (see the module
+  docstring); returns the index. `tokenizer`: a tokenizer file or folder (default: the run's,
+  else one in a convert.from_hf folder)."""
+  source = Source(checkpoint, step)
   source.check()
   target = DTYPES[dtype] if dtype else None
   max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
-  out = pathlib.Path(out_dir)
+  out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  tokenizer, sentencepiece_file = find_tokenizer(source)
+  try:
+    tok = load_tokenizer(tokenizer) if tokenizer else find_tokenizer(checkpoint, source.run)
+  except FileNotFoundError as e:
+    logging.warning('No tokenizer (%s): the export gets no tokenizer files and no '
+                    'generation_config.json; pass one with --tokenizer', e)
+    tok = None
   stored = np.dtype(target or source.shapes[('llm', 'embed_tokens', 'embedding')][1])
-  config = export_config(source.model, stored, tokenizer)
+  config = export_config(source.model, stored, tok)
   index = write_weights(source, out, target, max_bytes)
   (out / 'config.json').write_text(json.dumps(config, indent=2))
-  if tokenizer is not None:
-    write_tokenizer(out, tokenizer, sentencepiece_file)
+  if tok is not None:
+    write_tokenizer(out, tok)
     (out / 'generation_config.json').write_text(
-        json.dumps(generation_config(source.model, tokenizer, source.run), indent=2))
+        json.dumps(generation_config(source.model, tok, source.run), indent=2))
   return index
 
 
@@ -317,10 +304,15 @@ def main(argv: Sequence[str] | None = None):
   parser.add_argument('--checkpoint', required=True,
                       help='training workdir or convert.from_hf output')
   parser.add_argument('--out', required=True, help='output folder')
+  parser.add_argument('--step', type=int,
+                      help='checkpoint step of a training workdir (default: the latest)')
   parser.add_argument('--dtype', choices=sorted(DTYPES), help='tensor dtype (default: as stored)')
   parser.add_argument('--max-shard-size', default='5GB', help='e.g. 5GB, 500MB, 2GiB')
+  parser.add_argument('--tokenizer', help='tokenizer.json / tokenizer.model file or a folder '
+                      "holding one (default: the run's, else one in the checkpoint folder)")
   args = parser.parse_args(argv)
-  index = export(args.checkpoint, args.out, args.dtype, args.max_shard_size)
+  index = export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.step,
+                 args.tokenizer)
   files = sorted(set(index['weight_map'].values()))
   print(f'Wrote {len(index["weight_map"])} tensors ({index["metadata"]["total_size"] / 1e9:.3f} '
         f'GB) in {len(files)} file(s) to {args.out}')

@@ -31,10 +31,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lavi_jax import config as lavi_config
-from lavi_jax.models.viln import group_of_layer
 
 VisualInput = dict[str, Any]
-_NORMS = {'attn': 'input_layernorm', 'mlp': 'post_attention_layernorm'}
 _LLMS = {'qwen2': (transformers.Qwen2Config, transformers.Qwen2Model),
          'llama': (transformers.LlamaConfig, transformers.LlamaModel)}
 _RENAMES = {'llava': (('language_model.model.', 'model.'),
@@ -206,9 +204,9 @@ class Conditioners(nn.Module):
     super().__init__()
     viln = dict(model.viln)
     self.context = ViLNContext(viln, c)
+    norms = [lavi_config.NORM_OF_SUBLAYER[s] for s in ('attn', 'mlp') if s in viln['sublayers']]
     self.layers = nn.ModuleDict({
-        str(l): nn.ModuleDict({_NORMS[s]: Conditioner(viln, d, c) for s in ('attn', 'mlp')
-                               if s in viln['sublayers']})
+        str(l): nn.ModuleDict({norm: Conditioner(viln, d, c) for norm in norms})
         for l, modulated in enumerate(lavi_config.modulated_layers(model)) if modulated})
     if 'final' in viln['sublayers']:
       self.norm = Conditioner(viln, d, c)
@@ -242,12 +240,7 @@ class ViLN(nn.Module):
 
 def _hf_configs(config: dict[str, Any]):
   """config.json -> (LaVi model config, transformers text config, SigLIP vision config)."""
-  kind = config.get('model_type')
-  if kind not in ('lavi', 'llava') or 'lavi_config' not in config:
-    has = 'a' if 'lavi_config' in config else 'no'
-    raise ValueError(f'config.json has model_type={kind!r} and {has} lavi_config: not a '
-                     "convert.to_torch export (model_type 'lavi', or 'llava' with a lavi_config)")
-  model = lavi_config.from_json(config['lavi_config'])
+  model = lavi_config.from_export_config(config, 'the export')
   text = dict(config['text_config'])
   if text.get('model_type') not in _LLMS:
     raise ValueError(f'text_config.model_type={text.get("model_type")!r}: supported are '
@@ -286,10 +279,10 @@ class LaVi(nn.Module):
       layer = self.model.layers[int(l)]
       for name, conditioner in layer_conditioners.items():
         setattr(layer, name, ViLN(getattr(layer, name), conditioner,
-                                  group_of_layer(int(l), n, groups), self.state))
+                                  lavi_config.group_of_layer(int(l), n, groups), self.state))
     if hasattr(self.conditioners, 'norm'):
       self.model.norm = ViLN(self.model.norm, self.conditioners.norm,
-                             group_of_layer(n - 1, n, groups), self.state)
+                             lavi_config.group_of_layer(n - 1, n, groups), self.state)
 
   @classmethod
   def from_pretrained(cls, path: str | pathlib.Path, dtype: torch.dtype | None = None) -> LaVi:

@@ -25,7 +25,7 @@ from lavi_jax.inference.requests import Request, prepare
 from lavi_jax.models.lavi import LaVi
 from lavi_jax.models.llm import modulation_period
 
-SUBLAYER_OF_NORM = {'input_layernorm': 'attn', 'post_attention_layernorm': 'mlp'}
+SUBLAYER_OF_NORM = {norm: sub for sub, norm in lavi_config.NORM_OF_SUBLAYER.items()}
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ def modulation_magnitudes(model: ml_collections.ConfigDict, params, tokenizer: T
       rows[(model.llm.num_layers, 0)] = ('final', values[0])
       continue
     sub = SUBLAYER_OF_NORM[path[-2]]
-    order = list(SUBLAYER_OF_NORM.values()).index(sub)
+    order = lavi_config.SUBLAYERS.index(sub)
     layer_name = path[path.index('llm') + 1]
     if layer_name == 'layers':  # scanned: layers/layer_j, stacked over blocks of `period`
       j = int(path[path.index('llm') + 2].split('_')[1])

@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 
 from lavi_jax import config as lavi_config
 from lavi_jax.convert import from_hf
@@ -42,18 +41,14 @@ def load_checkpoint(path: str) -> tuple[ml_collections.ConfigDict, dict,
                                         ml_collections.ConfigDict | None]:
   """(model config, params, run config or None) of a `convert.from_hf` output folder or of a
   training workdir (its latest checkpoint; parameters only)."""
-  folder = epath.Path(path)
-  if (folder / 'model_config.json').exists():
+  if from_hf.checkpoint_kind(path) == 'converted':
     model, params = from_hf.load_converted(path)
     return model, params, None
-  if (folder / 'checkpoints').exists():
-    config, params = ckpt_lib.load_params(path)
-    return config.model, params, config
-  raise FileNotFoundError(f'{path} is neither a convert.from_hf output (model_config.json) '
-                          'nor a training workdir (checkpoints/)')
+  config, params = ckpt_lib.load_params(path)
+  return config.model, params, config
 
 
-def _find_tokenizer(path: str, run_config: ml_collections.ConfigDict | None) -> Tokenizer:
+def find_tokenizer(path: str, run_config: ml_collections.ConfigDict | None) -> Tokenizer:
   """The training run's data.tokenizer, else a tokenizer.json / tokenizer.model in `path`."""
   if run_config is not None:
     return pipeline.make_tokenizer(run_config.data)
@@ -94,7 +89,7 @@ class Generator:
     run's, else a tokenizer.json / tokenizer.model in `path`; the template to the run's, else by
     LLM architecture (qwen2: chatml, llama: vicuna_v1)."""
     model, params, run_config = load_checkpoint(path)
-    tok = load_tokenizer(tokenizer) if tokenizer else _find_tokenizer(path, run_config)
+    tok = load_tokenizer(tokenizer) if tokenizer else find_tokenizer(path, run_config)
     if chat_template is None:
       chat_template = (run_config.data.chat_template if run_config is not None
                        else TEMPLATE_OF_ARCH[model.llm.arch])

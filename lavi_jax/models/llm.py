@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lavi_jax import config as lavi_config
 from lavi_jax.models.layers import Dense, attention, constrain, dtype_of, partitioned, remat
-from lavi_jax.models.viln import Conditioning, ViLN, group_of_layer
+from lavi_jax.models.viln import Conditioning, ViLN
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -184,8 +184,8 @@ class LLM(nn.Module):
         embedding_init=partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')))
     pattern = lavi_config.modulated_layers(cfg)
     n = llm.num_layers
-    self.group_ids = np.array([group_of_layer(l, n, cfg.viln.kv_groups) for l in range(n)],
-                              np.int32)
+    self.group_ids = np.array(
+        [lavi_config.group_of_layer(l, n, cfg.viln.kv_groups) for l in range(n)], np.int32)
     if cfg.scan_layers:
       period = modulation_period(pattern)
       block = remat(DecoderBlock, cfg.remat, prevent_cse=False)

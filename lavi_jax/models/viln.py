@@ -129,11 +129,6 @@ def token_conditioning(memory: VisualMemory, token_items: jax.Array) -> Conditio
   return out
 
 
-def group_of_layer(layer: int, num_layers: int, kv_groups: int) -> int:
-  """Conditioner group of an LLM layer: contiguous blocks of layers share a group."""
-  return layer * kv_groups // num_layers
-
-
 class Conditioner(nn.Module):
   """x (B, T, D) normalised text, cond, group index -> (dg, db), each (B, T, D)."""
   config: ml_collections.FrozenConfigDict

@@ -15,10 +15,7 @@ import math
 import jax
 from etils import epath
 
-
-def is_url(path: str | epath.Path) -> bool:
-  """Whether `path` is on an object store (gs://, s3://, ...) rather than a local disk."""
-  return '://' in str(path)
+from lavi_jax.paths import is_url
 
 
 class _EpathEventFile:
