@@ -1,6 +1,12 @@
 # Shared helpers of the launch scripts (sourced, not run).
 # shellcheck shell=bash
 
+# Empty arrays under `set -u` need bash >= 4.4 (macOS ships 3.2: `brew install bash`).
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
+  echo "error: these scripts need bash >= 4.4, this is $BASH_VERSION" >&2
+  exit 2
+fi
+
 DRY_RUN=${DRY_RUN:-0}
 # Environment variables forwarded to every worker when set here.
 FORWARDED_ENV=(LIBTPU_INIT_ARGS XLA_PYTHON_CLIENT_MEM_FRACTION XLA_FLAGS TPU_STDERR_LOG_LEVEL
