@@ -158,15 +158,25 @@ def forward_breakdown(model: ml_collections.ConfigDict, frames: int, video: bool
   return Breakdown(vision_flops, projector_flops + conditioned - text_only, text_only)
 
 
-def flops_report(model: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{setting: {'viln': breakdown, 'concat': breakdown, ratios}} for both settings."""
-  report = {}
+def _per_setting_and_fusion(model: ml_collections.ConfigDict,
+                            measure: Callable[[ml_collections.ConfigDict, dict], Any]):
+  """{setting name: {fusion: measure(model with that fusion, setting)}} over SETTINGS."""
+  out = {}
   for name, setting in SETTINGS.items():
-    rows = {}
+    out[name] = {}
     for fusion in ('viln', 'concat'):
       m = ml_collections.ConfigDict(model.to_dict())
       m.fusion = fusion
-      rows[fusion] = forward_breakdown(m, setting['frames'], setting['video']).as_dict()
+      out[name][fusion] = measure(m, setting)
+  return out
+
+
+def flops_report(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{setting: {'viln': breakdown, 'concat': breakdown, ratios}} for both settings."""
+  report = {}
+  per_fusion = _per_setting_and_fusion(
+      model, lambda m, setting: forward_breakdown(m, setting['frames'], setting['video']).as_dict())
+  for name, rows in per_fusion.items():
     lavi, concat = rows['viln'], rows['concat']
     report[name] = dict(
         rows, lavi_over_concat=lavi['total'] / concat['total'],
@@ -191,25 +201,23 @@ def format_flops(report: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _cache_bytes(m: ml_collections.ConfigDict, setting: dict) -> dict[str, int]:
+  """Cache bytes of one setting's request answered with SHORT_ANSWER new tokens, from the
+  lowered prefill's output shapes (nothing allocated)."""
+  pixels, _ = _visual_shapes(m, setting['frames'], setting['video'])
+  ids = jnp.zeros((1, TEXT_TOKENS), jnp.int32).at[:, 1].set(
+      m.video_token_id if setting['video'] else m.image_token_id)
+  visual = {'videos' if setting['video'] else 'images': dict(pixel_values=pixels)}
+  prefill, _ = decode.programs(m, _abstract_params(m), ids, jnp.ones(ids.shape, bool), **visual,
+                               max_new_tokens=SHORT_ANSWER)
+  return bench_latency.cache_bytes(prefill)
+
+
 def cache_report(model: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Cache bytes (KV cache + visual memory) of each setting's request answered with SHORT_ANSWER
-  new tokens, LaVi and concat, from the lowered prefill's output shapes (nothing allocated)."""
-  report = {}
-  for name, setting in SETTINGS.items():
-    rows = {}
-    for fusion in ('viln', 'concat'):
-      m = ml_collections.ConfigDict(model.to_dict())
-      m.fusion = fusion
-      pixels, _ = _visual_shapes(m, setting['frames'], setting['video'])
-      ids = jnp.zeros((1, TEXT_TOKENS), jnp.int32).at[:, 1].set(
-          m.video_token_id if setting['video'] else m.image_token_id)
-      visual = {'videos' if setting['video'] else 'images': dict(pixel_values=pixels)}
-      prefill, _ = decode.programs(m, _abstract_params(m), ids, jnp.ones(ids.shape, bool),
-                                   **visual, max_new_tokens=SHORT_ANSWER)
-      rows[fusion] = bench_latency.cache_bytes(prefill)
-    report[name] = dict(rows, lavi_over_concat=rows['viln']['total_bytes'] /
-                        rows['concat']['total_bytes'])
-  return report
+  """Cache bytes (KV cache + visual memory) of each setting's request, LaVi and concat."""
+  return {name: dict(rows, lavi_over_concat=rows['viln']['total_bytes'] /
+                     rows['concat']['total_bytes'])
+          for name, rows in _per_setting_and_fusion(model, _cache_bytes).items()}
 
 
 def counted(model_dict: dict) -> dict[str, Any]:
