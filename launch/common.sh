@@ -17,6 +17,32 @@ die() {
   exit 2
 }
 
+# Prints the script's header comment (its help) and exits with $1 (default 0).
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit "${1:-0}"
+}
+
+# The options both TPU scripts take: sets the variable of option $1 (value $2) and OPTION_WORDS
+# to the number of words used, 0 when $1 is none of them.
+# shellcheck disable=SC2034  # the variables belong to the sourcing script
+tpu_option() {
+  OPTION_WORDS=2
+  case $1 in
+    --zone) ZONE=$2 ;;
+    --project) PROJECT=$2 ;;
+    --accelerator) ACCELERATOR_TYPE=$2 ;;
+    --runtime) RUNTIME_VERSION=$2 ;;
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --repo) LAVI_REPO=$2 ;;
+    --ref) LAVI_REF=$2 ;;
+    --spot) SPOT=1; OPTION_WORDS=1 ;;
+    --dry-run) DRY_RUN=1; OPTION_WORDS=1 ;;
+    *) OPTION_WORDS=0 ;;
+  esac
+}
+
 # One shell word: as is when plain, else single-quoted.
 quote() {
   if [[ "$1" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then

@@ -44,26 +44,16 @@ POLL_SECONDS=${POLL_SECONDS:-60}
 steps=()
 main_flags=()
 
-usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 while [[ $# -gt 0 ]]; do
+  tpu_option "$@"
+  if ((OPTION_WORDS)); then
+    shift "$OPTION_WORDS"
+    continue
+  fi
   case $1 in
     --id) QR_ID=$2; shift 2 ;;
     --node-prefix) NODE_PREFIX=$2; shift 2 ;;
     --slices) NUM_SLICES=$2; shift 2 ;;
-    --zone) ZONE=$2; shift 2 ;;
-    --project) PROJECT=$2; shift 2 ;;
-    --accelerator) ACCELERATOR_TYPE=$2; shift 2 ;;
-    --runtime) RUNTIME_VERSION=$2; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --config) CONFIG=$2; shift 2 ;;
-    --workdir) WORKDIR=$2; shift 2 ;;
-    --repo) LAVI_REPO=$2; shift 2 ;;
-    --ref) LAVI_REF=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage ;;
     --) shift; main_flags=("$@"); break ;;
     create|wait|install|train|delete) steps+=("$1"); shift ;;
