@@ -3,8 +3,8 @@
     python -m lavi_jax.eval --checkpoint DIR --tasks pope,mme,mmbench_en_dev --data-dir DATA
 
 DIR is a `convert.from_hf` output or a training workdir; DATA holds the dataset exports
-(README, "Evaluation"); each may be local or a URL (gs://...). Writes results.json and samples.jsonl (lmms-eval's layout) to
---output-dir and prints each task's metrics.
+(README, "Evaluation"); each may be local or a URL (gs://...). Writes results.json and
+samples.jsonl (lmms-eval's layout) to --output-dir and prints each task's metrics.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from etils import epath
 
 from lavi_jax.data import image as image_lib
 from lavi_jax.data.errors import DataError
-from lavi_jax.train.metrics import is_url
+from lavi_jax.paths import is_url
 
 SUFFIXES = ('.parquet', '.jsonl', '.json')
 
