@@ -33,7 +33,6 @@ import os
 import sys
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,7 +41,7 @@ from etils import epath
 from lavi_jax import bench_accelerator, bench_hf, bench_latency
 from lavi_jax import config as lavi_config
 from lavi_jax.inference import decode
-from lavi_jax.models import LaVi, init_params
+from lavi_jax.models import LaVi, abstract_params
 from lavi_jax.models.lavi import VisualTokens, count_items_so_far, pool_grid
 from lavi_jax.models.llm import causal_mask
 
@@ -56,10 +55,6 @@ def _flops(fn: Callable, *abstract_args) -> float:
   """FLOPs of `fn` compiled for the given ShapeDtypeStructs (XLA cost analysis)."""
   analysis = jax.jit(fn).lower(*abstract_args).compile().cost_analysis()
   return float(analysis['flops'])
-
-
-def _abstract_params(model: ml_collections.ConfigDict):
-  return jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
 
 
 def _with_layers(model: ml_collections.ConfigDict, layers: int) -> ml_collections.ConfigDict:
@@ -106,7 +101,7 @@ def forward_breakdown(model: ml_collections.ConfigDict, frames: int, video: bool
   model.dtype = 'bfloat16'
   pixels, n_visual = _visual_shapes(model, frames, video)
   lavi = LaVi(model)
-  params = _abstract_params(_with_layers(model, 1))
+  params = abstract_params(_with_layers(model, 1))
   vis = model.vision
   features = jax.ShapeDtypeStruct(
       (frames, (vis.image_size // vis.patch_size) ** 2, vis.hidden_size * len(vis.feature_layers)),
@@ -146,14 +141,14 @@ def forward_breakdown(model: ml_collections.ConfigDict, frames: int, video: bool
         return m.llm.logits(hidden[:, :t])  # logits at text positions only
 
       return _flops(lambda p, i, v: LaVi(m_cfg).apply({'params': p}, i, v, method=run),
-                    _abstract_params(m_cfg), ids, tokens)
+                    abstract_params(m_cfg), ids, tokens)
     return _per_layer_extrapolated(model, cost)
 
   if model.fusion == 'concat':
     return Breakdown(vision_flops, projector_flops, llm_cost(n_visual, conditioned=False))
   text_only = _per_layer_extrapolated(
       model, lambda m_cfg: _flops(
-          lambda p, i: LaVi(m_cfg).apply({'params': p}, i), _abstract_params(m_cfg), ids))
+          lambda p, i: LaVi(m_cfg).apply({'params': p}, i), abstract_params(m_cfg), ids))
   conditioned = llm_cost(n_visual, conditioned=True)
   return Breakdown(vision_flops, projector_flops + conditioned - text_only, text_only)
 
@@ -208,7 +203,7 @@ def _cache_bytes(m: ml_collections.ConfigDict, setting: dict) -> dict[str, int]:
   ids = jnp.zeros((1, TEXT_TOKENS), jnp.int32).at[:, 1].set(
       m.video_token_id if setting['video'] else m.image_token_id)
   visual = {'videos' if setting['video'] else 'images': dict(pixel_values=pixels)}
-  prefill, _ = decode.programs(m, _abstract_params(m), ids, jnp.ones(ids.shape, bool), **visual,
+  prefill, _ = decode.programs(m, abstract_params(m), ids, jnp.ones(ids.shape, bool), **visual,
                                max_new_tokens=SHORT_ANSWER)
   return bench_latency.cache_bytes(prefill)
 
@@ -259,7 +254,7 @@ def format_measured(report: dict[str, Any]) -> str:
   for batch in bench_latency.BATCHES:
     b = f'batch_{batch}'
     lines.append(f'batch {batch}')
-    for key in ('ttft_s', 'decode_s_per_token', 'e2e_short_s', 'e2e_long_s'):
+    for key in bench_latency.LATENCIES:
       lavi, concat = measured['viln'][b][key], measured['concat'][b][key]
       line = f'  {key:<20}{lavi:>10.4f}{concat:>10.4f}{lavi / concat:>8.3f}'
       if hf:

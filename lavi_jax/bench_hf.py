@@ -18,7 +18,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lavi_jax.bench_latency import BATCHES, latency_row, peak_rss_bytes, request, timed
+from lavi_jax.bench_latency import (BATCHES, LATENCIES, latency_row, peak_rss_bytes, request,
+                                    timed)
 
 
 def hf_config(model: ml_collections.ConfigDict):
@@ -105,7 +106,7 @@ def measure_hf(model_dict: dict, run: dict[str, int]) -> dict[str, Any]:
 
 def speedups(hf: dict[str, Any], jax_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """Hugging Face time / JAX time per latency, for LaVi ('viln') and concat."""
-  keys = ('ttft_s', 'e2e_short_s', 'e2e_long_s', 'decode_s_per_token')
-  return {fusion: {f'batch_{b}': {k: hf[f'batch_{b}'][k] / row[f'batch_{b}'][k] for k in keys}
+  return {fusion: {f'batch_{b}': {k: hf[f'batch_{b}'][k] / row[f'batch_{b}'][k]
+                                  for k in LATENCIES}
                    for b in BATCHES}
           for fusion, row in jax_rows.items()}

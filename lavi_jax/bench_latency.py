@@ -26,7 +26,6 @@ import statistics
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,9 +33,11 @@ import numpy as np
 
 from lavi_jax import config as lavi_config
 from lavi_jax.inference import decode
-from lavi_jax.models import init_params
+from lavi_jax.models import abstract_params
 
 BATCHES = (1, 8)
+# The latencies of `latency_row`, per batch size.
+LATENCIES = ('ttft_s', 'decode_s_per_token', 'e2e_short_s', 'e2e_long_s')
 
 
 def measured_model(quick: bool) -> ml_collections.ConfigDict:
@@ -98,10 +99,9 @@ def in_fresh_processes(calls: dict[str, tuple[Callable, tuple]], parallel: bool 
 def random_params(model: ml_collections.ConfigDict, seed: int = 0):
   """Parameters drawn from N(0, 0.02^2), without compiling `init` (timings do not depend on the
   values)."""
-  abstract = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.02, x.shape).astype(x.dtype)),
-                      abstract)
+                      abstract_params(model))
 
 
 def timed(run: Callable[[Callable[..., Any]], Any], repeats: int) -> dict[str, float]:
@@ -192,7 +192,7 @@ def ratios(lavi: dict[str, Any], concat: dict[str, Any]) -> dict[str, Any]:
   out = {}
   for batch in BATCHES:
     a, b = lavi[f'batch_{batch}'], concat[f'batch_{batch}']
-    row = {k: a[k] / b[k] for k in ('ttft_s', 'e2e_short_s', 'e2e_long_s', 'decode_s_per_token')}
+    row = {k: a[k] / b[k] for k in LATENCIES}
     for n in ('short', 'long'):
       row[f'cache_{n}_bytes'] = a[f'cache_{n}']['total_bytes'] / b[f'cache_{n}']['total_bytes']
     for program in ('prefill', 'decode'):

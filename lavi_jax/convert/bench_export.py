@@ -22,13 +22,12 @@ import time
 
 _BUILD = '''
 import sys
-import jax, ml_dtypes, numpy as np
+import ml_dtypes, numpy as np
 from flax import traverse_util
-import flax.linen as nn
 from lavi_jax.convert import bench_export, from_hf
-from lavi_jax.models import init_params
+from lavi_jax.models import abstract_params
 model = bench_export.model_config()
-abstract = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
+abstract = abstract_params(model)
 rng = np.random.default_rng(0)
 flat = {k: (0.02 * rng.standard_normal(v.shape, np.float32)).astype(ml_dtypes.bfloat16)
         for k, v in traverse_util.flatten_dict(abstract).items()}

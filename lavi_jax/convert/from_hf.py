@@ -19,7 +19,6 @@ import argparse
 import json
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,7 +28,7 @@ from etils import epath
 from lavi_jax import config as lavi_config
 from lavi_jax import paths
 from lavi_jax.convert import hf
-from lavi_jax.models.lavi import init_params
+from lavi_jax import models
 
 
 def import_hf(model: ml_collections.ConfigDict, llm: str | None = None, vision: str | None = None,
@@ -71,6 +70,14 @@ def save_converted(out_dir: str | epath.PathLike, model: ml_collections.ConfigDi
   checkpointer.wait_until_finished()
 
 
+def load_converted_model(out_dir: str | epath.PathLike) -> ml_collections.ConfigDict:
+  """The model config that `save_converted` wrote to `{out_dir}/model_config.json`."""
+  file = epath.Path(out_dir) / 'model_config.json'
+  if not file.is_file():
+    raise FileNotFoundError(f'{out_dir} has no model_config.json: not a convert.from_hf output')
+  return lavi_config.from_json(json.loads(file.read_text()))
+
+
 def load_converted(out_dir: str | epath.PathLike,
                    abstract_params=None) -> tuple[ml_collections.ConfigDict, hf.Params]:
   """Reads what `save_converted` wrote: (model config, params as jax arrays).
@@ -79,11 +86,9 @@ def load_converted(out_dir: str | epath.PathLike,
   model's shapes on the default device).
   """
   out = paths.absolute(out_dir)
-  if not (out / 'model_config.json').is_file():
-    raise FileNotFoundError(f'{out} has no model_config.json: not a convert.from_hf output')
-  model = lavi_config.from_json(json.loads((out / 'model_config.json').read_text()))
+  model = load_converted_model(out)
   if abstract_params is None:
-    abstract_params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
+    abstract_params = models.abstract_params(model)
   params = ocp.StandardCheckpointer().restore(out / 'params', abstract_params)
   return model, params
 

@@ -32,8 +32,6 @@ import re
 import struct
 from typing import Any, Iterable, Sequence
 
-import flax.linen as nn
-import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
@@ -46,8 +44,8 @@ from lavi_jax import config as lavi_config
 from lavi_jax.convert import from_hf, hf
 from lavi_jax.data import chat
 from lavi_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from lavi_jax.inference.generator import TEMPLATE_OF_ARCH, find_tokenizer
-from lavi_jax.models import init_params
+from lavi_jax.inference.generator import default_chat_template, find_tokenizer
+from lavi_jax.models import abstract_params
 from lavi_jax.train import checkpoint as ckpt_lib
 
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
@@ -82,7 +80,7 @@ class Source:
       if step is not None:
         raise ValueError(f'{path}: a step is only for a training workdir, not a convert.from_hf '
                          'output')
-      self.model = lavi_config.from_json(json.loads((folder / 'model_config.json').read_text()))
+      self.model = from_hf.load_converted_model(folder)
       self.run, self.directory, self.root = None, folder / 'params', ()
     else:
       self.run, self.directory = ckpt_lib.find_checkpoint(path, step)
@@ -100,7 +98,7 @@ class Source:
       lavi_config.validate_model(self.model)
     except lavi_config.ConfigError as e:
       raise hf.ConversionError(f'{self.path}: the stored model config is invalid: {e}') from e
-    abstract = jax.eval_shape(lambda: nn.unbox(init_params(self.model, jax.random.key(0))))
+    abstract = abstract_params(self.model)
     expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
     name = lambda path: '/'.join(path)
     problems = [f'missing {name(p)}' for p in sorted(set(expected) - set(self.shapes))]
@@ -262,12 +260,9 @@ def write_tokenizer(out: epath.Path, tokenizer: Tokenizer):
 def generation_config(model: ml_collections.ConfigDict, tokenizer: Tokenizer,
                       run: ml_collections.ConfigDict | None) -> dict[str, Any]:
   """Stop ids (eos and the chat template's end of answer), pad and bos; greedy by default."""
-  template = chat.get_template(run.data.chat_template if run is not None
-                               else TEMPLATE_OF_ARCH[model.llm.arch])
-  stops = sorted({i for i in (tokenizer.find_id(chat.end_of_answer(template)), tokenizer.eos_id)
-                  if i is not None})
-  return dict(bos_token_id=tokenizer.bos_id, eos_token_id=stops, pad_token_id=tokenizer.pad_id,
-              do_sample=False)
+  template = chat.get_template(default_chat_template(model, run))
+  return dict(bos_token_id=tokenizer.bos_id, eos_token_id=chat.stop_ids(tokenizer, template),
+              pad_token_id=tokenizer.pad_id, do_sample=False)
 
 
 def export(checkpoint: str, out_dir: str, dtype: str | None = None,

@@ -121,6 +121,12 @@ def end_of_answer(template: ChatTemplate) -> str:
   return template.answer.format('').strip()
 
 
+def stop_ids(tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+  """The ids generation stops at: the template's end of answer and the tokenizer's eos."""
+  return sorted({i for i in (tokenizer.find_id(end_of_answer(template)), tokenizer.eos_id)
+                 if i is not None})
+
+
 def tokenize_chat(conversation: Conversation, tokenizer: Tokenizer, template: ChatTemplate,
                   max_len: int) -> TokenizedChat:
   """Renders and tokenizes a conversation, dropping whole trailing (human, gpt) pairs until it

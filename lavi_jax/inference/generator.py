@@ -58,6 +58,13 @@ def find_tokenizer(path: str, run_config: ml_collections.ConfigDict | None) -> T
     raise FileNotFoundError(f'{e}: pass the tokenizer (a file or a Hugging Face folder)') from e
 
 
+def default_chat_template(model: ml_collections.ConfigDict,
+                          run_config: ml_collections.ConfigDict | None) -> str:
+  """The training run's data.chat_template, else the LLM architecture's (TEMPLATE_OF_ARCH)."""
+  return (run_config.data.chat_template if run_config is not None
+          else TEMPLATE_OF_ARCH[model.llm.arch])
+
+
 class Generator:
   """Answers `Request`s with a model and its tokenizer. `Generator.load(path)` reads a checkpoint.
 
@@ -79,8 +86,7 @@ class Generator:
     self.template = chat.get_template(chat_template)
     self.spec = pipeline.example_spec(config)
     self.max_len, self.batch_size, self.sampling = max_len, batch_size, sampling
-    self.stop_ids = sorted({i for i in (tokenizer.find_id(chat.end_of_answer(self.template)),
-                                        tokenizer.eos_id) if i is not None})
+    self.stop_ids = chat.stop_ids(tokenizer, self.template)
 
   @classmethod
   def load(cls, path: str, tokenizer: str | None = None, chat_template: str | None = None,
@@ -91,8 +97,7 @@ class Generator:
     model, params, run_config = load_checkpoint(path)
     tok = load_tokenizer(tokenizer) if tokenizer else find_tokenizer(path, run_config)
     if chat_template is None:
-      chat_template = (run_config.data.chat_template if run_config is not None
-                       else TEMPLATE_OF_ARCH[model.llm.arch])
+      chat_template = default_chat_template(model, run_config)
     data = run_config.data if run_config is not None else None
     return cls(model, params, tok, chat_template, data, **kwargs)
 

@@ -198,3 +198,8 @@ def dummy_inputs(model: ml_collections.ConfigDict, batch: int = 1, text_len: int
 def init_params(model: ml_collections.ConfigDict, rng: jax.Array):
   """Boxed (logically partitioned) parameters of LaVi(model); use under jit / eval_shape."""
   return LaVi(model).init(rng, **dummy_inputs(model))['params']
+
+
+def abstract_params(model: ml_collections.ConfigDict):
+  """ShapeDtypeStructs of LaVi(model)'s (unboxed) parameters; nothing is allocated."""
+  return jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))

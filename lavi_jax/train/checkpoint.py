@@ -8,19 +8,16 @@ refused with the differing keys named.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
-import flax.linen as nn
 import grain
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
 from lavi_jax import config as lavi_config
-from lavi_jax.models import init_params
+from lavi_jax import models
 from lavi_jax.train.state import TrainState
 
 
@@ -129,8 +126,7 @@ def load_params(workdir: str, step: int | None = None,
   """
   config, state = find_checkpoint(workdir, step)
   if abstract_params is None:
-    abstract_params = nn.unbox(jax.eval_shape(functools.partial(init_params, config.model),
-                                              jax.random.key(0)))
+    abstract_params = models.abstract_params(config.model)
   item = {'params': abstract_params}
   restored = ocp.PyTreeCheckpointer().restore(
       state,

@@ -25,7 +25,7 @@ from lavi_jax import sharding
 from lavi_jax.convert import from_hf
 from lavi_jax.data import pipeline
 from lavi_jax.data.errors import DataError
-from lavi_jax.models import init_params
+from lavi_jax.models import abstract_params, init_params
 from lavi_jax.train import checkpoint as ckpt_lib
 from lavi_jax.train import flops as flops_lib
 from lavi_jax.train import optimizer as opt_lib
@@ -68,10 +68,8 @@ def _param_shardings(config: ml_collections.ConfigDict, mesh):
 
 def _initial_params(config: ml_collections.ConfigDict, param_shardings):
   """Parameters from `config.init_from` (a convert.from_hf output), restored sharded."""
-  abstract = nn.unbox(jax.eval_shape(functools.partial(init_params, config.model),
-                                     jax.random.key(0)))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, param_shardings)
+                          abstract_params(config.model), param_shardings)
   stored_model, params = from_hf.load_converted(config.init_from, abstract)
   ckpt_lib.check_model_config(stored_model, config.model, f'init_from={config.init_from}')
   return params

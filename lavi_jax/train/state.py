@@ -14,7 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lavi_jax import sharding
-from lavi_jax.models import init_params
+from lavi_jax.models import abstract_params, init_params
 from lavi_jax.train import optimizer as opt_lib
 
 
@@ -43,16 +43,15 @@ def init_opt_state(tx, trainable: dict, trainable_shardings: dict, mesh: Mesh):
 def state_shardings(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh: Mesh,
                     param_shardings) -> tuple[TrainState, TrainState]:
   """(abstract state, shardings) of a TrainState at `stage`, without allocating anything."""
-  abstract_params = nn.unbox(jax.eval_shape(functools.partial(init_params, config.model),
-                                            jax.random.key(0)))
-  trainable, _ = opt_lib.split(abstract_params, stage.config.trainable)
+  params = abstract_params(config.model)
+  trainable, _ = opt_lib.split(params, stage.config.trainable)
   train_shardings, _ = opt_lib.split(param_shardings, stage.config.trainable)
   tx = opt_lib.make_optimizer(stage, config.train, trainable)
   abstract_opt = jax.eval_shape(tx.init, trainable)
   replicated = NamedSharding(mesh, PartitionSpec())
   shardings = TrainState(step=replicated, params=param_shardings,
                          opt_state=opt_state_shardings(tx, abstract_opt, train_shardings, mesh))
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                         opt_state=abstract_opt)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
