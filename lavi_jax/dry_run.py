@@ -1,7 +1,9 @@
 """Dry run: build a model abstractly and report its parameters by group and per device.
 
 Nothing is allocated: shapes come from `jax.eval_shape`, per-device bytes from the logical
-axis rules and the configured mesh shape (which need not match the devices at hand).
+axis rules and the configured mesh shape (which need not match the devices at hand). It counts
+parameter bytes only, not optimizer state or activations: the memory check is
+`python -m lavi_jax.compile`, which compiles the real train step for a TPU topology.
 """
 
 from __future__ import annotations
@@ -65,5 +67,8 @@ def report(config: ml_collections.ConfigDict) -> str:
             f'mesh (data, fsdp, tensor) = {mesh_shape} on {num_devices} devices, '
             f'rules {config.mesh.rules!r}, params in {config.model.param_dtype}',
             f'parameter bytes per device: {per_device / 2**30:.3f} GiB '
-            f'(unsharded: {total * itemsize / 2**30:.3f} GiB)']
+            f'(unsharded: {total * itemsize / 2**30:.3f} GiB)',
+            'Parameters only: optimizer state and activation memory are not checked.',
+            'Memory check of the real train step per chip: python -m lavi_jax.compile '
+            '--config=... --topology=v5p-64']
   return '\n'.join(lines)

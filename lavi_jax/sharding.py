@@ -5,6 +5,10 @@ preset maps them to mesh axes:
 - `dp`: parameters replicated, batch split over `data` x `fsdp`.
 - `fsdp`: as `dp`, but every parameter is split over `fsdp` along its embedding axis (ZeRO-3).
 - `fsdp_tp`: as `fsdp`, plus tensor parallelism: MLP, head and vocabulary axes over `tensor`.
+
+A parameter dimension that a mesh axis does not divide (e.g. 1152 = 2^7 x 9 over fsdp=256) gives
+that axis to another dimension of the parameter it divides, or else replicates the parameter
+along it (`fit_spec`), wherever parameter shardings are made.
 """
 
 from __future__ import annotations
@@ -95,10 +99,59 @@ def activate(mesh: Mesh, mesh_config: ml_collections.ConfigDict):
     yield
 
 
+def _dims(spec: PartitionSpec, ndim: int) -> list[list[str]]:
+  """Mesh axes of each of `ndim` dimensions (a spec may be shorter than the shape)."""
+  entries = tuple(spec) + (None,) * (ndim - len(spec))
+  return [[] if a is None else [a] if isinstance(a, str) else list(a) for a in entries]
+
+
+def fit_spec(shape: tuple[int, ...], spec: PartitionSpec,
+             axis_sizes: dict[str, int]) -> PartitionSpec:
+  """`spec` with every mesh axis that does not divide its dimension moved to the largest other
+  dimension it divides (after that dimension's own axes), or dropped, which replicates the
+  array along it, when it divides none."""
+  dims, moved = _dims(spec, len(shape)), []
+  for dim, axes in enumerate(dims):
+    kept, size = [], 1
+    for axis in axes:
+      if shape[dim] % (size * axis_sizes[axis]):
+        moved.append(axis)
+      else:
+        kept.append(axis)
+        size *= axis_sizes[axis]
+    dims[dim] = kept
+  for axis in moved:
+    fits = [d for d in range(len(shape))
+            if shape[d] % (math.prod(axis_sizes[a] for a in dims[d]) * axis_sizes[axis]) == 0]
+    if fits:
+      dims[max(fits, key=lambda d: shape[d])].append(axis)
+  return PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+                         for axes in dims))
+
+
+def _values(tree):
+  """A boxed tree's values, unboxed without the boxes' logical sharding constraints (which
+  would ask for the specs before `fit_spec`)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def param_specs(abstract_tree, axis_rules, axis_sizes: dict[str, int]):
+  """Mesh PartitionSpecs (unboxed tree) of a boxed abstract parameter tree: the logical rules'
+  specs, fitted to each parameter's shape (`fit_spec`)."""
+  logical = nn.get_partition_spec(abstract_tree)
+  specs = jax.tree.leaves(nn.logical_to_mesh(logical, axis_rules),
+                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+  leaves, treedef = jax.tree.flatten(_values(abstract_tree))
+  return treedef.unflatten([fit_spec(leaf.shape, spec, axis_sizes)
+                            for leaf, spec in zip(leaves, specs)])
+
+
 def logical_shardings(abstract_tree, mesh: Mesh, axis_rules):
-  """NamedShardings for a tree of (possibly boxed) abstract parameters."""
-  specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+  """NamedShardings (unboxed tree) for a tree of (possibly boxed) abstract parameters."""
+  specs = param_specs(abstract_tree, axis_rules, dict(mesh.shape))
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, axis_rules, *args):
@@ -108,8 +161,8 @@ def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, axis_rules, *args):
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     abstract = jax.eval_shape(init_fn, *args)
-    shardings = nn.unbox(logical_shardings(abstract, mesh, axis_rules))
-    params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    shardings = logical_shardings(abstract, mesh, axis_rules)
+    params = jax.jit(lambda *a: _values(init_fn(*a)), out_shardings=shardings)(*args)
   return params, shardings
 
 
@@ -119,26 +172,18 @@ def mesh_axis_sizes(mesh_shape: tuple[int, ...]) -> dict[str, int]:
 
 def shard_shape(shape: tuple[int, ...], spec: PartitionSpec, axis_sizes: dict[str, int]):
   """Shape of one device's shard (rounded up) for a PartitionSpec over mesh axes."""
-  out = list(shape)
-  for dim, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
-    if axes is None:
-      continue
-    axes = (axes,) if isinstance(axes, str) else axes
-    out[dim] = -(-shape[dim] // math.prod(axis_sizes[a] for a in axes))
-  return tuple(out)
+  return tuple(-(-size // math.prod(axis_sizes[a] for a in axes))
+               for size, axes in zip(shape, _dims(spec, len(shape))))
 
 
 def per_device_bytes(abstract_tree, axis_rules, mesh_shape: tuple[int, ...]) -> int:
   """Bytes one device holds for a boxed abstract tree under a mesh shape (no devices needed)."""
-  specs = nn.get_partition_spec(abstract_tree)
-  specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, axis_rules), specs,
-                       is_leaf=lambda x: isinstance(x, PartitionSpec))
-  leaves = jax.tree.leaves(nn.unbox(abstract_tree))
-  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
   sizes = mesh_axis_sizes(mesh_shape)
+  specs = jax.tree.leaves(param_specs(abstract_tree, axis_rules, sizes),
+                          is_leaf=lambda x: isinstance(x, PartitionSpec))
   return sum(
       math.prod(shard_shape(leaf.shape, spec, sizes)) * np.dtype(leaf.dtype).itemsize
-      for leaf, spec in zip(leaves, spec_leaves))
+      for leaf, spec in zip(jax.tree.leaves(_values(abstract_tree)), specs))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from lavi_jax import config as lavi_config
 from lavi_jax import dry_run, sharding
@@ -78,3 +79,39 @@ def test_mesh_validation_names_the_problem():
   config.mesh.update(data=1, fsdp=4, tensor=2, rules='fsdp')
   with pytest.raises(ValueError, match='fsdp_tp'):
     sharding.resolve_mesh_shape(config.mesh, 8)
+
+
+@pytest.mark.parametrize('shape,spec,expected', [
+    ((1152, 1024), P('fsdp', None), P(None, 'fsdp')),  # 1152 = 2^7 x 9: to the 1024 axis
+    ((2048, 1152), P(None, 'fsdp'), P('fsdp', None)),
+    ((1152, 16, 72), P('fsdp', None, None), P(None, None, None)),  # divides none: replicated
+    ((4304, 1152), P('tensor', 'fsdp'), P('tensor', None)),  # 4304 takes tensor, not 1024 more
+    ((4096, 6), P('fsdp', 'tensor'), P(('fsdp', 'tensor'), None)),  # joins fsdp's dimension
+    ((1152, 64), P(('data', 'fsdp'), None), P('data', None)),  # keeps the axis that divides
+    ((6, 1024, 768), P(None, 'data', None), P(None, None, 'data')),  # the largest it divides
+    ((512, 1024, 768), P('fsdp', None, None), P('fsdp', None, None)),  # divides: unchanged
+])
+def test_fit_spec_moves_axes_that_do_not_divide(shape, spec, expected):
+  sizes = {'data': 3, 'fsdp': 256, 'tensor': 4}
+  assert sharding.fit_spec(shape, spec, sizes) == expected
+
+
+def test_indivisible_parameters_init_sharded_and_dry_run_agrees():
+  # A 36-wide ViT on fsdp=8: its 'vis_embed' axes do not divide, so they give fsdp to another
+  # axis (fc1 (36, 256) -> 256) or replicate (position_embedding (9, 36)).
+  config = tiny_config(**{'vision.hidden_size': 36})
+  config.mesh.update(data=1, fsdp=8, tensor=1, rules='fsdp')
+  mesh = sharding.make_mesh(config.mesh)
+  axis_rules = sharding.rules(config.mesh)
+  init_fn = functools.partial(init_params, config.model)
+  params, shardings = sharding.init_sharded(init_fn, mesh, axis_rules, jax.random.key(0))
+  vit = params['vit']
+  assert vit['layers_0']['mlp']['fc1']['kernel'].sharding.spec == P(None, 'fsdp')
+  assert vit['position_embedding'].sharding.is_fully_replicated
+  for leaf, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+    assert leaf.sharding == s
+    assert all(size % math.prod(mesh.shape[a] for a in axes) == 0
+               for size, axes in zip(leaf.shape, sharding._dims(s.spec, leaf.ndim)))
+  held = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  assert sharding.per_device_bytes(abstract, axis_rules, (1, 8, 1)) == held

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -69,8 +68,7 @@ def create(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh: Mesh, 
   if params is None:
     params, param_shardings = sharding.init_sharded(init_fn, mesh, rules, rng)
   else:
-    param_shardings = nn.unbox(sharding.logical_shardings(jax.eval_shape(init_fn, rng), mesh,
-                                                          rules))
+    param_shardings = sharding.logical_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
     params = jax.device_put(params, param_shardings)
   step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
   state = TrainState(step=step, params=params, opt_state=None)
