@@ -23,9 +23,11 @@ def get_config(arg=None):
   model.viln.update(heads=4, head_dim=32, mlp_dim=128, sublayers=('attn', 'mlp', 'final'))
   # max_text_len: the longest synthetic conversation is 32 tokens. num_frames: the first and
   # last frames of a motion video already tell its direction.
+  # frames_per_row: a fifth of the records are 2-frame videos, the rest 1-crop images, so 16 rows
+  # need ~19 of the 24 slots the ViT encodes per batch (32 if every row were padded to 2).
   config.data.update(train_mixture='synthetic:train:20000', eval_mixture='synthetic:test:512',
                      batch_size=16, max_text_len=32, max_crops=1, max_images=1, num_frames=2,
-                     num_workers=0, read_threads=1)
+                     frames_per_row=1.5, num_workers=0, read_threads=1)
   config.data.synthetic.update(image_size=48, video_frames=8, video_fraction=0.2)
   # From scratch, everything trains together in one stage. Per-group rates (lr_scale):
   # - embed_tokens x0.05: Adam moves every row ~lr per step, which soon swamps the 0.02 init

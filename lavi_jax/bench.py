@@ -132,8 +132,9 @@ def forward_breakdown(model: ml_collections.ConfigDict, frames: int, video: bool
         positions = jnp.broadcast_to(jnp.arange(length), (b, length))
         mask = causal_mask(jnp.ones((b, length), bool))
         if conditioned:
-          visual = VisualTokens(tokens, jnp.ones(tokens.shape[:2], bool),
-                                jnp.zeros(tokens.shape[:2], jnp.int32), ((visual_len, 1, 1),))
+          visual = VisualTokens(tokens, jnp.arange(visual_len)[None],
+                                jnp.ones(tokens.shape[:2], bool),
+                                jnp.zeros(tokens.shape[:2], jnp.int32), ((visual_len, 1),))
           cond = m.conditioning(visual, count_items_so_far(ids, m.cfg))
           return m.llm(ids, positions, mask, cond)
         embeds = jnp.concatenate([m.llm.embed(ids), tokens], axis=1)  # text + visual tokens

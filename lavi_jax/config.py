@@ -93,12 +93,20 @@ def base_data_config() -> ml_collections.ConfigDict:
       train_mixture='synthetic:train',
       eval_mixture='synthetic:test:1000',
       seed=0,  # shuffling
-      batch_size=32,  # global, over all processes
+      batch_size=32,  # global, over all processes (ignored when per_device_batch_size > 0)
+      per_device_batch_size=0,  # > 0: global batch = this x the data x fsdp devices
       max_text_len=2048,  # T; longer conversations lose whole trailing turns
       max_crops=10,  # AnyRes crops of a single image, base crop included (1: base crop only)
       anyres_grids=tuple((r, c) for r in range(1, 4) for c in range(1, 4)),  # (rows, cols)
       max_images=10,  # images per record (one base crop each when more than one)
       num_frames=0,  # frames sampled per video; 0: no video input
+      # Padding-free visual batches (lavi_jax/data/visual_pool.py): the vision tower encodes
+      # frames_per_row crops/frames per row on average (0: max(max_crops, max_images,
+      # num_frames), enough for any record of one kind); each row reads up to tokens_per_row
+      # visual tokens (0: what the largest record of one kind needs). Rows that do not fit are
+      # trimmed (AnyRes to the base crop, then fewer video frames) and counted.
+      frames_per_row=0.0,
+      tokens_per_row=0,
       chat_template='chatml',  # 'chatml' (Qwen2) or 'vicuna_v1' (LLaMA)
       tokenizer='',  # '' = synthetic word-level; else tokenizer.json / .model / folder
       image_root='',  # relative LLaVA paths; '' = the annotation file's folder
@@ -142,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
           clip_norm=1.0,  # global gradient-norm clipping (0: off)
           end_lr_fraction=0.0,  # cosine decay ends at this fraction of the peak
           accumulation_steps=1,  # micro-batches per optimizer step
+          loss_chunk=256,  # positions whose float32 logits exist at once in the loss
           log_every=10,
           peak_flops_per_device=0.0,  # 0: look up the device kind (for MFU)
       ),
@@ -305,8 +314,33 @@ def validate_model(model: ml_collections.ConfigDict):
   _check(model.projector.ctx_dim > 0, 'model.projector.ctx_dim', 'must be positive')
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
-  """Checks a whole run config (model, and mesh against `num_devices` when given)."""
-  validate_model(config.model)
+def global_batch_size(config: ml_collections.ConfigDict, num_devices: int | None = None) -> int:
+  """Rows of one optimizer step over all processes, checked against the mesh.
+
+  `data.per_device_batch_size` x (data x fsdp) devices when set, else `data.batch_size`; it must
+  split evenly over the batch shards (data x fsdp) and each of `train.accumulation_steps`
+  micro-batches over them again. `num_devices` defaults to the devices at hand.
+  """
   from lavi_jax import sharding  # local: sharding imports jax
-  sharding.resolve_mesh_shape(config.mesh, num_devices)
+  data, fsdp, _ = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  shards, steps = data * fsdp, config.train.accumulation_steps
+  per_device = config.data.per_device_batch_size
+  _check(per_device >= 0, 'data.per_device_batch_size', f'must be >= 0, got {per_device}')
+  _check(steps >= 1, 'train.accumulation_steps', f'must be >= 1, got {steps}')
+  batch = per_device * shards if per_device else config.data.batch_size
+  key = 'data.per_device_batch_size' if per_device else 'data.batch_size'
+  _check(batch > 0, key, f'must be positive, got {batch}')
+  _check(batch % (shards * steps) == 0, key,
+         f'the global batch of {batch} rows does not split into {steps} accumulation '
+         f'micro-batch(es) over the {shards} batch shards (mesh data={data} x fsdp={fsdp}): it '
+         f'must be a multiple of {shards * steps}. Set data.per_device_batch_size (a multiple '
+         f'of train.accumulation_steps), or a data.batch_size that is a multiple of '
+         f'{shards * steps}')
+  return batch
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> int:
+  """Checks a whole run config (model; mesh and batch against `num_devices`, default: the
+  devices at hand). Returns the global batch size."""
+  validate_model(config.model)
+  return global_batch_size(config, num_devices)

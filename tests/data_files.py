@@ -76,9 +76,20 @@ def write_annotations(path, records):
 
 
 def data_config(**data):
-  """configs/tiny.py with a small in-process data section; `data` overrides keys."""
+  """configs/tiny.py with a small in-process data section (frame pools that fit every row, so
+  rows do not depend on their batch); `data` overrides keys."""
   config = tiny_config()
-  config.data.update(batch_size=4, num_workers=0, read_threads=0,
+  config.data.update(batch_size=4, num_workers=0, read_threads=0, frames_per_row=0,
                      train_mixture='synthetic:train:64', eval_mixture='synthetic:test:24')
   config.data.update(**data)
   return config
+
+
+def row_frames(batch, row, config):
+  """The crops/frames (n, S, S, 3) one row of a frame-pool batch reads, in its token order."""
+  from lavi_jax.data import visual_pool  # pylint: disable=import-outside-toplevel
+  pool = batch['visual']
+  spec = visual_pool.pool_spec(config, len(batch['input_ids']), pool['pixels'].shape[0])
+  group = row // (spec.rows // spec.groups)
+  slots = pool['token_source'][row][pool['token_mask'][row]] // spec.tokens_per_slot
+  return pool['pixels'][group, list(dict.fromkeys(slots.tolist()))]

@@ -78,3 +78,18 @@ def test_validation_names_the_bad_key(key, value, message):
   with pytest.raises(lavi_config.ConfigError, match=message) as error:
     lavi_config.validate(config, num_devices=1)
   assert f'config.model.{key.split(".")[0]}' in str(error.value)
+
+
+def test_global_batch_follows_the_mesh_and_names_the_key():
+  config = tiny_config()  # data.batch_size=16
+  assert lavi_config.global_batch_size(config, num_devices=8) == 16
+  config.train.accumulation_steps = 4  # 16 rows cannot make 4 micro-batches over 8 devices
+  with pytest.raises(lavi_config.ConfigError, match=r'config.data.batch_size: .* multiple of 32'):
+    lavi_config.validate(config, num_devices=8)
+  config.data.per_device_batch_size = 4  # 4 rows per device: 1 per micro-batch
+  assert lavi_config.global_batch_size(config, num_devices=8) == 32
+  config.mesh.update(data=2, fsdp=2, tensor=2, rules='fsdp_tp')  # tensor holds no batch
+  assert lavi_config.global_batch_size(config, num_devices=8) == 16
+  config.data.per_device_batch_size = 3
+  with pytest.raises(lavi_config.ConfigError, match='config.data.per_device_batch_size'):
+    lavi_config.global_batch_size(config, num_devices=8)

@@ -9,7 +9,8 @@ import pytest
 
 from lavi_jax.data import pipeline, synthetic
 from lavi_jax.data.errors import DataError
-from tests.data_files import conversation, data_config, write_annotations, write_photos
+from tests.data_files import (conversation, data_config, row_frames, write_annotations,
+                              write_photos)
 
 
 def take(iterator, n):
@@ -29,8 +30,8 @@ def test_batch_format():
   for got, want in zip(jax.tree.leaves(batch), jax.tree.leaves(spec)):
     assert (got.shape, got.dtype) == (want.shape, want.dtype)
   side, data = config.model.vision.image_size, config.data
-  assert spec['images']['pixel_values'].shape == (4, data.max_crops, side, side, 3)
-  assert spec['videos']['pixel_values'].shape == (4, data.num_frames, side, side, 3)
+  # One group of 4 rows; by default a row's share of slots fits the largest record (2 frames).
+  assert spec['visual']['pixels'].shape == (1, 4 * data.num_frames, side, side, 3)
   ids, mask = batch['input_ids'], batch['text_mask']
   lengths = mask.sum(1)
   assert (mask == (np.arange(data.max_text_len) < lengths[:, None])).all()  # right padding
@@ -40,12 +41,16 @@ def test_batch_format():
   for row in range(4):
     answer = tok.decode(batch['targets'][row][batch['loss_mask'][row]])
     assert answer.endswith('<|im_end|>') and len(answer.split('<|im_end|>')[0].split()) == 1
-  pixels = batch['images']['pixel_values']
-  assert -1 <= pixels.min() and pixels.max() <= 1
-  has_video = batch['videos']['frame_mask'].any(1)
-  np.testing.assert_array_equal(has_video, ~batch['images']['frame_mask'].any(1))
-  np.testing.assert_array_equal(has_video, batch['question_type'] == 4)  # motion
+  pool = batch['visual']
+  assert pool['pixels'].dtype == np.uint8
+  frames = [len(row_frames(batch, r, config)) for r in range(4)]
+  np.testing.assert_array_equal(pool['frame_valid'].sum(), sum(frames))  # no padding crops
+  assert not pool['pixels'][~pool['frame_valid']].any()
+  motion = batch['question_type'] == 4  # the synthetic videos; images have one crop
+  np.testing.assert_array_equal(frames, np.where(motion, data.num_frames, 1))
+  np.testing.assert_array_equal(pool['frame_video'].sum(), motion.sum() * data.num_frames)
   np.testing.assert_array_equal(batch['num_skipped'], 0)
+  np.testing.assert_array_equal(batch['num_visual_trimmed'], 0)
 
 
 def test_same_seed_same_batches_and_exact_resume():
@@ -94,23 +99,23 @@ def test_worker_processes_are_deterministic_and_resume():
   again.close()
 
 
-def fingerprints(batches):
+def fingerprints(batches, config):
   """One hash per real row (images and text)."""
-  return [hash(b['input_ids'][r].tobytes() + b['images']['pixel_values'][r].tobytes() +
-               b['videos']['pixel_values'][r].tobytes())
+  return [hash(b['input_ids'][r].tobytes() + row_frames(b, r, config).tobytes())
           for b in batches for r in range(len(b['input_ids'])) if b['text_mask'][r].any()]
 
 
 def test_processes_read_disjoint_records():
   config = data_config(eval_mixture='synthetic:test:30')
-  seen = [fingerprints(pipeline.make_dataset(config, 'eval', process_index=p, process_count=2))
-          for p in (0, 1)]
+  seen = [fingerprints(pipeline.make_dataset(config, 'eval', process_index=p, process_count=2),
+                       config) for p in (0, 1)]
   assert len(seen[0]) == len(seen[1]) == 15
   assert not set(seen[0]) & set(seen[1])
-  assert set(seen[0]) | set(seen[1]) == set(fingerprints(pipeline.make_dataset(config, 'eval')))
+  assert set(seen[0]) | set(seen[1]) == set(fingerprints(pipeline.make_dataset(config, 'eval'),
+                                                          config))
+  train_config = data_config(train_mixture='synthetic:train:40')
   train = [fingerprints(take(iter(pipeline.make_dataset(
-      data_config(train_mixture='synthetic:train:40'), process_index=p, process_count=2)), 5))
-           for p in (0, 1)]
+      train_config, process_index=p, process_count=2)), 5), train_config) for p in (0, 1)]
   assert len(set(train[0])) == len(set(train[1])) == 10 and not set(train[0]) & set(train[1])
   with pytest.raises(ValueError, match='batch_size=4 is not divisible by the 3 processes'):
     pipeline.make_dataset(config, process_index=0, process_count=3)
@@ -162,7 +167,7 @@ def test_truncation_is_counted(llava_files):
   np.testing.assert_array_equal(batch['num_truncated'], [1, 1, 0, 0])
   assert batch['text_mask'][:2].all(1).sum() == 0  # whole turns dropped: not filled to the end
   np.testing.assert_array_equal((batch['input_ids'] == 1).sum(1), [1, 1, 0, 0])
-  np.testing.assert_array_equal(batch['images']['frame_mask'][:, 0], [True, True, False, False])
+  np.testing.assert_array_equal(batch['visual']['token_mask'].any(1), [True, True, False, False])
 
 
 def test_mixture_of_llava_and_synthetic(llava_files):

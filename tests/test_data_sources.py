@@ -49,17 +49,16 @@ def test_llava_source_reads_images_videos_and_text(files, suffix):
   assert record['id'] == 'multi' and record['images'][1] == str(files / 'images' / 'camera.png')
   assert record['origin'] == (f'{path} line 2' if suffix == '.jsonl' else f'{path} record 1')
   single, multi, text = (preprocess().map(source[i]) for i in range(3))
-  # One image: AnyRes (512 x 512 -> 2 x 2 grid + base), all crops of item 0.
-  assert single['images']['frame_mask'].all() and not single['images']['frame_item'].any()
-  assert single['images']['pixel_values'].shape == (5, 32, 32, 3)
-  # Items in placeholder order: coffee 0, the video 1, camera 2; one base crop per image.
-  np.testing.assert_array_equal(multi['images']['frame_mask'], [1, 1, 0, 0, 0])
-  np.testing.assert_array_equal(multi['images']['frame_item'][:2], [0, 2])
-  np.testing.assert_array_equal(multi['videos']['frame_item'], [1, 1, 1, 1])
-  assert multi['videos']['frame_mask'].all() and not single['videos']['frame_mask'].any()
-  assert not text['images']['frame_mask'].any() and text['question_type'] == -1
-  np.testing.assert_allclose(multi['images']['pixel_values'][1],
-                             image.normalize(image.decode_image(files / 'images/camera.png'), 32))
+  # One image: AnyRes (512 x 512 -> 2 x 2 grid + base), all crops of item 0, no padding.
+  assert single['frames'].shape == (5, 32, 32, 3) and single['frames'].dtype == np.uint8
+  assert not single['frame_item'].any() and not single['frame_video'].any()
+  # Items in placeholder order: coffee 0, the video 1 (4 frames), camera 2; one base crop per
+  # image.
+  np.testing.assert_array_equal(multi['frame_item'], [0, 1, 1, 1, 1, 2])
+  np.testing.assert_array_equal(multi['frame_video'], [0, 1, 1, 1, 1, 0])
+  assert len(text['frames']) == 0 and text['question_type'] == -1
+  np.testing.assert_array_equal(multi['frames'][5],
+                                image.resize(image.decode_image(files / 'images/camera.png'), 32))
 
 
 def test_relative_paths_default_to_the_annotation_folder(files):
@@ -73,8 +72,8 @@ def test_truncated_conversation_keeps_only_its_items(files):
   short = Preprocess(ExampleSpec(40, 32, 5, 3, image.DEFAULT_GRIDS, 4),
                      synthetic.synthetic_tokenizer(), chat.CHATML).map(record)
   assert short['num_truncated'] == 1 and short['text_mask'].sum() <= 40
-  np.testing.assert_array_equal(short['images']['frame_mask'], [1, 0, 0, 0, 0])  # camera gone
-  assert short['videos']['frame_mask'].all()
+  np.testing.assert_array_equal(short['frame_item'], [0, 1, 1, 1, 1])  # camera gone
+  np.testing.assert_array_equal(short['frame_video'], [0, 1, 1, 1, 1])
 
 
 def bad_records(files):

@@ -61,10 +61,10 @@ def test_truncated_image_is_an_error(photos, tmp_path):
     image.decode_image(tmp_path / 'cut.jpg')
 
 
-def test_normalize_is_siglip():
-  pixels = image.normalize(Image.new('RGB', (10, 20), (255, 0, 128)), 8)
-  assert pixels.shape == (8, 8, 3) and pixels.dtype == np.float32
-  np.testing.assert_allclose(pixels[0, 0], [1.0, -1.0, 128 / 127.5 - 1], atol=1e-6)
+def test_resize_keeps_uint8_pixels():
+  pixels = image.resize(Image.new('RGB', (10, 20), (255, 0, 128)), 8)
+  assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+  np.testing.assert_array_equal(pixels[0, 0], [255, 0, 128])
 
 
 @pytest.mark.parametrize('size, grids, expected', [
@@ -81,24 +81,24 @@ def test_anyres_crops(photos):
   astronaut = image.decode_image(photos['astronaut.png'])
   grids = image.DEFAULT_GRIDS
   crops = image.anyres_crops(astronaut, 64, grids, max_crops=10)
-  assert crops.shape == (10, 64, 64, 3) and crops.dtype == np.float32
-  np.testing.assert_array_equal(crops[0], image.normalize(astronaut, 64))
+  assert crops.shape == (10, 64, 64, 3) and crops.dtype == np.uint8
+  np.testing.assert_array_equal(crops[0], image.resize(astronaut, 64))
   assert image.anyres_crops(astronaut, 64, grids, max_crops=5).shape == (5, 64, 64, 3)
   assert image.anyres_crops(astronaut, 64, grids, max_crops=1).shape == (1, 64, 64, 3)
   # A 2:1 image in one crop: centred, black bars above and below.
   wide = Image.new('RGB', (128, 64), (255, 255, 255))
   crops = image.anyres_crops(wide, 64, [(1, 1)], max_crops=2)
   assert crops.shape == (2, 64, 64, 3)
-  np.testing.assert_array_equal(crops[1, :16], -1.0)
-  np.testing.assert_array_equal(crops[1, 16:48], 1.0)
-  np.testing.assert_array_equal(crops[1, 48:], -1.0)
+  np.testing.assert_array_equal(crops[1, :16], 0)
+  np.testing.assert_array_equal(crops[1, 16:48], 255)
+  np.testing.assert_array_equal(crops[1, 48:], 0)
   # Grid crops are row-major pieces of the image (here already of the grid's size).
   quarters = np.zeros((64, 128, 3), np.uint8)
   quarters[:32, 64:] = 255  # top right white, the rest black
   crops = image.anyres_crops(Image.fromarray(quarters), 64, [(2, 4), (1, 2)], max_crops=3)
-  np.testing.assert_array_equal(crops[1], -1.0)
-  np.testing.assert_array_equal(crops[2][:32], 1.0)
-  np.testing.assert_array_equal(crops[2][32:], -1.0)
+  np.testing.assert_array_equal(crops[1], 0)
+  np.testing.assert_array_equal(crops[2][:32], 255)
+  np.testing.assert_array_equal(crops[2][32:], 0)
 
 
 def test_video_uniform_sampling(tmp_path):
@@ -111,8 +111,8 @@ def test_video_uniform_sampling(tmp_path):
   # Short videos give all their frames (the pipeline masks the rest).
   short = write_video(tmp_path / 'short.mp4', num_frames=3)
   assert video.decode_video(short, 8).shape == (3, 32, 32, 3)
-  normalized = video.video_frames(path, 4, 16)
-  assert normalized.shape == (4, 16, 16, 3) and -1 <= normalized.min() <= normalized.max() <= 1
+  resized = video.video_frames(path, 4, 16)
+  assert resized.shape == (4, 16, 16, 3) and resized.dtype == np.uint8
   arrays = np.arange(10)[:, None, None, None] * np.ones((10, 2, 2, 3), np.uint8)
   np.testing.assert_array_equal(video.decode_video(arrays, 4)[:, 0, 0, 0], [0, 3, 6, 9])
 

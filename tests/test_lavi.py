@@ -96,9 +96,9 @@ def test_concat_layout_places_items_at_their_placeholders():
   # Text: a <img> b c <img> d [pad]; item 0 has 2 valid tokens, item 1 has 3 (one padding).
   ids = jnp.array([[7, img, 8, 9, img, 10, 0]])
   text_mask = jnp.array([[True] * 6 + [False]])
-  visual = VisualTokens(tokens=jnp.zeros((1, 6, 4)),
+  visual = VisualTokens(table=jnp.zeros((1, 6, 4)), source=jnp.arange(6)[None],
                         mask=jnp.array([[True, True, False, True, True, True]]),
-                        item=jnp.array([[0, 0, 0, 1, 1, 1]]), segments=((2, 1, 3),))
+                        item=jnp.array([[0, 0, 0, 1, 1, 1]]), grids=((1, 3),))
   text_dest, visual_dest, out_pos, length = concat_layout(ids, text_mask, visual, model)
   assert length == 13
   # Merged: a v0 v1 b c w0 w1 w2 d pad

@@ -110,9 +110,8 @@ def test_nonfinite_loss_stops_before_saving(tmp_path, monkeypatch):
   real = loop.global_batch
 
   def poisoned(batch, mesh):
-    batch = dict(batch, images=dict(batch['images'],
-                                    pixel_values=np.full_like(batch['images']['pixel_values'],
-                                                              np.nan)))
+    pixels = np.full(batch['visual']['pixels'].shape, np.nan, np.float32)  # float is allowed
+    batch = dict(batch, visual=dict(batch['visual'], pixels=pixels))
     return real(batch, mesh)
 
   monkeypatch.setattr(loop, 'global_batch', poisoned)

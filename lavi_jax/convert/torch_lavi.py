@@ -4,10 +4,10 @@
     logits = model(input_ids, text_mask, images=dict(pixel_values=...))
     tokens, lengths = model.generate(input_ids, text_mask, videos=..., max_new_tokens=32)
 
-Shapes and inputs are those of `lavi_jax.models.lavi` (channels-last pixels in [-1, 1]): B batch,
-T text length, F crops/frames, S image side, N visual tokens, C = d_ctx, D LLM width, V
-vocabulary; `images=` / `videos=` dicts of `pixel_values (B, F, S, S, 3)`, optional `frame_mask`
-(B, F) and `frame_item` (B, F). Each class and function says which JAX one it mirrors; the
+Shapes and inputs are those of `lavi_jax.models.lavi` (channels-last pixels, uint8 or float in
+[-1, 1]; padded per kind, no frame pools): B batch, T text length, F crops/frames, S image side,
+N visual tokens, C = d_ctx, D LLM width, V vocabulary; `images=` / `videos=` dicts of
+`pixel_values (B, F, S, S, 3)`, optional `frame_mask` (B, F) and `frame_item` (B, F). Each class and function says which JAX one it mirrors; the
 numerics follow them (norm statistics, softmax and the ViLN deltas in float32).
 
 Module names are the export's tensor names (`hf.export_tensor_map`): `model` (Qwen2Model /
@@ -83,7 +83,7 @@ def pool_grid(tokens, stride: int):
 
 
 def index_within_item(frame_item):
-  """projector.index_within_item: (B, F) -> (B, F) earlier frames of the same item."""
+  """models.visual.index_within_item: (B, F) -> (B, F) earlier frames of the same item."""
   same = frame_item[:, :, None] == frame_item[:, None, :]
   earlier = torch.ones(same.shape[1:], dtype=torch.bool, device=same.device).tril(-1)
   return (same & earlier).sum(-1)
@@ -307,6 +307,8 @@ class LaVi(nn.Module):
   def encode_kind(self, visual: VisualInput, video: bool):
     """One kind of visual input -> (tokens (B, F*P, C), mask, item (B, F*P), (F, h, w))."""
     pixels = torch.as_tensor(visual['pixel_values'])
+    if not pixels.is_floating_point():  # uint8, normalised as vit.ViT does
+      pixels = pixels.float() / 127.5 - 1.0
     b, f = pixels.shape[:2]
     frame_mask = torch.as_tensor(visual.get('frame_mask', torch.ones(b, f, dtype=torch.bool)))
     frame_item = torch.as_tensor(visual.get('frame_item', torch.zeros(b, f, dtype=torch.long)))

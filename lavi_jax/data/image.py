@@ -1,7 +1,8 @@
-"""Images: decoding to RGB, SigLIP resizing and normalisation, LLaVA-OneVision AnyRes crops.
+"""Images: decoding to RGB, SigLIP resizing, LLaVA-OneVision AnyRes crops.
 
-Shapes: S image side (config.model.vision.image_size), n crops. Pixels come out float32 in
-[-1, 1]: (x / 255 - 0.5) / 0.5, after a bicubic resize to S x S (SigLIP's processor).
+Shapes: S image side (config.model.vision.image_size), n crops. Pixels come out uint8 after a
+bicubic resize to S x S (SigLIP's processor); the model normalises them on the device to
+[-1, 1] as (x / 255 - 0.5) / 0.5.
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ def decode_image(ref: ImageRef) -> Image.Image:
     raise DataError(f'image {describe(ref)} cannot be decoded: {e}') from e
 
 
-def normalize(image: Image.Image, side: int) -> np.ndarray:
-  """RGB image -> (S, S, 3) float32 in [-1, 1] (bicubic resize, as SigLIP)."""
+def resize(image: Image.Image, side: int) -> np.ndarray:
+  """RGB image -> (S, S, 3) uint8 (bicubic resize, as SigLIP; the model normalises)."""
   if image.size != (side, side):
     image = image.resize((side, side), Image.Resampling.BICUBIC)
-  return np.asarray(image, np.float32) / 127.5 - 1.0
+  return np.asarray(image, np.uint8)
 
 
 def select_grid(width: int, height: int, grids: Sequence[Grid], side: int) -> Grid:
@@ -90,7 +91,7 @@ def anyres_crops(image: Image.Image, side: int, grids: Sequence[Grid],
   also resized (aspect ratio kept) to fit the best grid of `select_grid` among those with
   rows * cols + 1 <= max_crops, centred on black, and cut row by row into S x S crops.
   """
-  base = normalize(image, side)[None]
+  base = resize(image, side)[None]
   allowed = [g for g in grids if g[0] * g[1] + 1 <= max_crops]
   if not allowed:
     return base
@@ -104,6 +105,6 @@ def anyres_crops(image: Image.Image, side: int, grids: Sequence[Grid],
   canvas = Image.new('RGB', (target_w, target_h), (0, 0, 0))
   canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC),
                ((target_w - new_w) // 2, (target_h - new_h) // 2))
-  pixels = np.asarray(canvas, np.float32) / 127.5 - 1.0
+  pixels = np.asarray(canvas, np.uint8)
   crops = pixels.reshape(rows, side, cols, side, 3).transpose(0, 2, 1, 3, 4)
   return np.concatenate([base, crops.reshape(rows * cols, side, side, 3)])

@@ -1,14 +1,14 @@
 """The Grain input pipeline: sources -> shard by process -> shuffle -> mix -> preprocess ->
 drop and count bad records -> batch -> worker processes.
 
-Batches (per process: B = data.batch_size / process_count) are dicts of numpy arrays with
-fixed shapes; T = data.max_text_len, S = model.vision.image_size, Fi = max(data.max_crops,
-data.max_images), Fv = data.num_frames:
+Batches (per process: B = the global batch / process_count) are dicts of numpy arrays with
+fixed shapes; T = data.max_text_len:
   input_ids (B, T) int32; text_mask (B, T) bool (right padding); targets (B, T) int32
   (targets[t] = input_ids[t + 1], 0 at the end); loss_mask (B, T) bool (targets[t] is an
   assistant answer token)
-  images = {pixel_values (B, Fi, S, S, 3) float32 in [-1, 1], frame_mask (B, Fi) bool,
-            frame_item (B, Fi) int32}; videos = the same with Fv frames (only when Fv > 0)
+  visual: the frame pool of the batch's crops and frames, uint8 pixels with no padding crops
+    (G groups of M slots; lavi_jax.models.visual, lavi_jax.data.visual_pool)
+  num_visual_trimmed (B,) int32: visual items that kept fewer crops/frames to fit the pool
   question_type (B,) int32 (-1: none)
   num_skipped (B,) int32: bad records skipped before each row (data.skip_bad_records); the
     batch's sum is the number skipped since the previous batch
@@ -33,14 +33,17 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from lavi_jax import config as lavi_config
 from lavi_jax.config import ConfigError
-from lavi_jax.data import chat, mixture, synthetic
+from lavi_jax.data import chat, mixture, synthetic, visual_pool
 from lavi_jax.data.sample import ExampleSpec, Preprocess, Skipped
 from lavi_jax.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, Tokenizer, load_tokenizer
 
 SPLITS = ('train', 'eval')
 # Give up when this many records in a row are bad (skip_bad_records), e.g. a wrong image_root.
 MAX_CONSECUTIVE_SKIPS = 1000
+# Example fields of a record's crops and frames, packed into the batch's frame pool.
+FRAME_FIELDS = ('frames', 'frame_item', 'frame_video')
 
 
 def make_tokenizer(data: ml_collections.ConfigDict) -> Tokenizer:
@@ -75,33 +78,38 @@ def example_spec(config: ml_collections.ConfigDict) -> ExampleSpec:
 
 
 def local_batch_size(config: ml_collections.ConfigDict, process_count: int) -> int:
-  if config.data.batch_size % process_count:
-    raise ConfigError(f'config.data.batch_size={config.data.batch_size} is not divisible by '
-                      f'the {process_count} processes')
-  return config.data.batch_size // process_count
+  """This process's rows of each global batch: data.batch_size / processes, or with
+  data.per_device_batch_size set, the global batch it makes on the devices at hand."""
+  per_device = config.data.per_device_batch_size
+  batch = lavi_config.global_batch_size(config) if per_device else config.data.batch_size
+  if batch % process_count:
+    raise ConfigError(f'config.data.batch_size={batch} is not divisible by the {process_count} '
+                      'processes (with data.per_device_batch_size set: the global batch it '
+                      'makes)')
+  return batch // process_count
 
 
-def batch_spec(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, Any]:
-  """jax.ShapeDtypeStruct of every batch entry, for `batch_size` rows."""
+def visual_groups(config: ml_collections.ConfigDict, batch_shards: int = 1) -> int:
+  """Frame-pool groups of a batch spread over `batch_shards` (data x fsdp devices of this
+  process's rows): one per shard and accumulation micro-batch (lavi_jax.data.visual_pool)."""
+  return batch_shards * config.train.accumulation_steps
+
+
+def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
+               groups: int | None = None) -> dict[str, Any]:
+  """jax.ShapeDtypeStruct of every batch entry, for `batch_size` rows in `groups` frame-pool
+  groups (default: `visual_groups(config)`)."""
   spec = example_spec(config)
-  b, t, s = batch_size, spec.max_text_len, spec.image_size
-
-  def visual(frames):
-    return dict(pixel_values=jax.ShapeDtypeStruct((b, frames, s, s, 3), np.float32),
-                frame_mask=jax.ShapeDtypeStruct((b, frames), np.bool_),
-                frame_item=jax.ShapeDtypeStruct((b, frames), np.int32))
-
-  out = dict(input_ids=jax.ShapeDtypeStruct((b, t), np.int32),
-             text_mask=jax.ShapeDtypeStruct((b, t), np.bool_),
-             targets=jax.ShapeDtypeStruct((b, t), np.int32),
-             loss_mask=jax.ShapeDtypeStruct((b, t), np.bool_),
-             images=visual(spec.image_frames),
-             question_type=jax.ShapeDtypeStruct((b,), np.int32),
-             num_skipped=jax.ShapeDtypeStruct((b,), np.int32),
-             num_truncated=jax.ShapeDtypeStruct((b,), np.int32))
-  if spec.num_frames:
-    out['videos'] = visual(spec.num_frames)
-  return out
+  b, t = batch_size, spec.max_text_len
+  pool = visual_pool.pool_spec(config, b, groups or visual_groups(config))
+  rows = lambda dtype: jax.ShapeDtypeStruct((b,), dtype)
+  return dict(input_ids=jax.ShapeDtypeStruct((b, t), np.int32),
+              text_mask=jax.ShapeDtypeStruct((b, t), np.bool_),
+              targets=jax.ShapeDtypeStruct((b, t), np.int32),
+              loss_mask=jax.ShapeDtypeStruct((b, t), np.bool_),
+              visual=visual_pool.abstract_pool(pool),
+              question_type=rows(np.int32), num_skipped=rows(np.int32),
+              num_truncated=rows(np.int32), num_visual_trimmed=rows(np.int32))
 
 
 class CountSkipped(grain.IterDataset):
@@ -137,29 +145,33 @@ class _CountSkippedIterator(grain.DatasetIterator):
     self._pending = state['pending']
 
 
-class PadBatch(grain.transforms.Map):
-  """Pads a short (last) batch to `batch_size` rows of nothing (question_type -1)."""
+class PackBatch:
+  """Grain batch_fn: examples -> a batch of `spec.rows` rows whose crops and frames are packed
+  into the frame pool (`visual_pool.pack`); a short (last eval) batch gets rows of nothing
+  (question_type -1)."""
 
-  def __init__(self, batch_size: int):
-    self.batch_size = batch_size
+  def __init__(self, spec: visual_pool.PoolSpec):
+    self.spec = spec
 
-  def map(self, batch):
-    missing = self.batch_size - len(batch['input_ids'])
-    if not missing:
-      return batch
-    def pad(x):
-      return np.concatenate([x, np.zeros((missing,) + x.shape[1:], x.dtype)])
-
-    batch = jax.tree.map(pad, batch)
-    batch['question_type'][-missing:] = -1
+  def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    examples = list(examples)
+    empty = {k: (np.zeros_like(v) if k not in FRAME_FIELDS else v[:0])
+             for k, v in examples[0].items()}
+    empty['question_type'] = np.int32(-1)
+    examples += [empty] * (self.spec.rows - len(examples))
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]
+             if k not in FRAME_FIELDS}
+    batch['visual'], batch['num_visual_trimmed'] = visual_pool.pack(examples, self.spec)
     return batch
 
 
 def make_dataset(config: ml_collections.ConfigDict, split: str = 'train', *,
                  process_index: int = 0, process_count: int = 1,
-                 tokenizer: Tokenizer | None = None) -> grain.IterDataset:
+                 tokenizer: Tokenizer | None = None,
+                 groups: int | None = None) -> grain.IterDataset:
   """This process's batches of `split` ('train': data.train_mixture, shuffled, endless;
-  'eval': data.eval_mixture, one ordered pass). Iterate with `iter(...)` (checkpointable)."""
+  'eval': data.eval_mixture, one ordered pass), in `groups` frame-pool groups (default:
+  `visual_groups(config)`). Iterate with `iter(...)` (checkpointable)."""
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   data, train = config.data, split == 'train'
@@ -174,9 +186,8 @@ def make_dataset(config: ml_collections.ConfigDict, split: str = 'train', *,
                          data.skip_bad_records))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                             prefetch_buffer_size=2 * batch_size))
-  ds = CountSkipped(ds).batch(batch_size, drop_remainder=train)
-  if not train:
-    ds = ds.map(PadBatch(batch_size))
+  pool = visual_pool.pool_spec(config, batch_size, groups or visual_groups(config))
+  ds = CountSkipped(ds).batch(batch_size, drop_remainder=train, batch_fn=PackBatch(pool))
   if data.num_workers:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags

@@ -7,15 +7,17 @@ A raw record, what every source returns, is a dict:
   videos         one video (path, encoded bytes, uint8 frames (F, H, W, 3)) per `<video>`
   question_type  int, index into synthetic.QUESTION_TYPES (-1: none)
 
-An example, with T = max_text_len, S = image side, Fi / Fv image / video frames (`ExampleSpec`):
+An example, with T = max_text_len, S = image side, n the record's crops and frames:
   input_ids (T,) int32, text_mask (T,) bool (right padding), targets (T,) int32 (the next token;
   0 past the end), loss_mask (T,) bool (targets[t] belongs to an assistant answer),
-  images = {pixel_values (Fi, S, S, 3) float32 in [-1, 1], frame_mask (Fi,) bool,
-            frame_item (Fi,) int32}, videos = the same with Fv frames (only when Fv > 0),
+  frames (n, S, S, 3) uint8, frame_item (n,) int32, frame_video (n,) bool: the record's crops
+  and frames in item order, with no padding (batches pack them: lavi_jax.data.visual_pool),
   question_type () int32, num_truncated () int32 (1 when trailing turns were dropped).
 Visual items (images and videos together) are numbered by the order of their placeholders in
-the text; frame_item gives each crop/frame its item. The image of a single-image record gets
-AnyRes crops; each image of a multi-image record gets its base crop only (as LLaVA-OneVision).
+the text; frame_item gives each crop/frame its item. Generation reads the same items padded
+per kind (`load_visual`: Fi / Fv image / video frames, `ExampleSpec`). The image of a
+single-image record gets AnyRes crops; each image of a multi-image record gets its base crop
+only (as LLaVA-OneVision).
 Items whose placeholders were truncated away are not loaded.
 """
 
@@ -54,9 +56,9 @@ class Skipped:
   reason: str
 
 
-def _visual(frames: list[np.ndarray], items: list[int], count: int, side: int) -> dict:
+def _padded(frames: list[np.ndarray], items: list[int], count: int, side: int) -> dict:
   """Per-item frames (n_k, S, S, 3) -> padded pixel_values (count, S, S, 3), mask, item."""
-  pixels = np.zeros((count, side, side, 3), np.float32)
+  pixels = np.zeros((count, side, side, 3), np.uint8)
   mask = np.zeros(count, bool)
   item = np.zeros(count, np.int32)
   n = 0
@@ -79,9 +81,9 @@ def check_items(text: str, images: list, videos: list, spec: ExampleSpec):
                     'only with data.num_frames > 0')
 
 
-def load_visual(spec: ExampleSpec, images: list, image_items: list[int], videos: list,
-                video_items: list[int], anyres: bool) -> dict[str, dict[str, np.ndarray]]:
-  """Decodes visual items into padded arrays: {'images': ..., 'videos': ... (when Fv > 0)}.
+def decode_items(spec: ExampleSpec, images: list, image_items: list[int], videos: list,
+                 video_items: list[int], anyres: bool) -> dict[str, list]:
+  """Decodes visual items: {'images': [(n, S, S, 3) uint8 per image], 'videos': [...]}.
 
   images / videos: references, with their item indices (placeholder order) in image_items /
   video_items. With `anyres` the images get AnyRes crops, else their base crop only.
@@ -92,12 +94,34 @@ def load_visual(spec: ExampleSpec, images: list, image_items: list[int], videos:
   if anyres:
     crops = [image.anyres_crops(x, side, spec.grids, spec.max_crops) for x in decoded]
   else:
-    crops = [image.normalize(x, side)[None] for x in decoded]
-  out = {'images': _visual(crops, image_items, spec.image_frames, side)}
+    crops = [image.resize(x, side)[None] for x in decoded]
+  frames = [video.video_frames(ref, spec.num_frames, side) for ref in videos]
+  return {'images': crops, 'videos': frames}
+
+
+def load_visual(spec: ExampleSpec, images: list, image_items: list[int], videos: list,
+                video_items: list[int], anyres: bool) -> dict[str, dict[str, np.ndarray]]:
+  """`decode_items` padded per kind: {'images': pixel_values (Fi, S, S, 3) uint8, frame_mask,
+  frame_item (Fi,); 'videos': the same with Fv frames (when Fv > 0)}."""
+  decoded = decode_items(spec, images, image_items, videos, video_items, anyres)
+  out = {'images': _padded(decoded['images'], image_items, spec.image_frames, spec.image_size)}
   if spec.num_frames:
-    frames = [video.video_frames(ref, spec.num_frames, side) for ref in videos]
-    out['videos'] = _visual(frames, video_items, spec.num_frames, side)
+    out['videos'] = _padded(decoded['videos'], video_items, spec.num_frames, spec.image_size)
   return out
+
+
+def frame_arrays(decoded: dict[str, list], image_items: list[int],
+                 video_items: list[int], side: int) -> dict[str, np.ndarray]:
+  """`decode_items` as one record's frames in item order: frames (n, S, S, 3) uint8,
+  frame_item (n,) int32, frame_video (n,) bool."""
+  parts = sorted([(k, f, False) for k, f in zip(image_items, decoded['images'])] +
+                 [(k, f, True) for k, f in zip(video_items, decoded['videos'])],
+                 key=lambda part: part[0])
+  frames = [f for _, f, _ in parts]
+  return dict(
+      frames=np.concatenate(frames) if frames else np.zeros((0, side, side, 3), np.uint8),
+      frame_item=np.array([k for k, f, _ in parts for _ in f], np.int32),
+      frame_video=np.array([v for _, f, v in parts for _ in f], bool))
 
 
 class Preprocess(grain.transforms.Map):
@@ -131,10 +155,10 @@ class Preprocess(grain.transforms.Map):
     kinds = [i for i in tokenized.ids.tolist() if i in placeholders]
     image_items = [k for k, i in enumerate(kinds) if i == tokenizer.image_id]
     video_items = [k for k, i in enumerate(kinds) if i == tokenizer.video_id]
-    visual = load_visual(spec, images[:len(image_items)], image_items,
-                         videos[:len(video_items)], video_items, anyres=len(images) == 1)
+    decoded = decode_items(spec, images[:len(image_items)], image_items,
+                           videos[:len(video_items)], video_items, anyres=len(images) == 1)
     example = self.text_arrays(tokenized)
-    example.update(visual)
+    example.update(frame_arrays(decoded, image_items, video_items, spec.image_size))
     example['question_type'] = np.int32(record['question_type'])
     example['num_truncated'] = np.int32(tokenized.truncated)
     return example

@@ -16,7 +16,7 @@ from etils import epath
 from PIL import Image
 
 from lavi_jax.data.errors import DataError, describe
-from lavi_jax.data.image import normalize
+from lavi_jax.data.image import resize
 
 # A path, encoded bytes (any container PyAV reads) or uint8 frames (F, H, W, 3).
 VideoRef = Union[str, os.PathLike, bytes, np.ndarray]
@@ -81,5 +81,5 @@ def decode_video(ref: VideoRef, num_frames: int) -> np.ndarray:
 
 
 def video_frames(ref: VideoRef, num_frames: int, side: int) -> np.ndarray:
-  """Decoded, sampled, resized and normalised frames -> (n, S, S, 3) float32 in [-1, 1]."""
-  return np.stack([normalize(Image.fromarray(f), side) for f in decode_video(ref, num_frames)])
+  """Decoded, sampled and resized frames -> (n, S, S, 3) uint8."""
+  return np.stack([resize(Image.fromarray(f), side) for f in decode_video(ref, num_frames)])

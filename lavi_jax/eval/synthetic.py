@@ -21,9 +21,9 @@ from lavi_jax.train import step as step_lib
 
 
 def blank(batch: dict[str, Any]) -> dict[str, Any]:
-  """The batch with every image and frame an empty white canvas (+1 after normalisation)."""
-  return {k: dict(v, pixel_values=np.ones_like(v['pixel_values']))
-          if k in ('images', 'videos') else v for k, v in batch.items()}
+  """The batch with every image and frame an empty white canvas."""
+  return dict(batch, visual=dict(batch['visual'],
+                                 pixels=np.full_like(batch['visual']['pixels'], 255)))
 
 
 def exact_match(config: ml_collections.ConfigDict, params, batches: Iterable[dict[str, Any]],

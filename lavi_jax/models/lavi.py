@@ -4,10 +4,11 @@
 Shapes: B batch, T text length, F crops/frames, S image side, P tokens per crop/frame,
 N visual tokens (all crops/frames of all items), C = d_ctx, V vocabulary.
 
-Visual input per kind (`images=`, `videos=`), each a dict:
-  pixel_values (B, F, S, S, 3) in [-1, 1]; frame_mask (B, F) bool (default: all valid);
-  frame_item (B, F) int: the item (0-based, in the order of the placeholders in the text)
-  each crop/frame belongs to (default: all item 0).
+Visual input: a frame pool (`visual=`, see lavi_jax.models.visual), or per kind (`images=`,
+`videos=`) a dict:
+  pixel_values (B, F, S, S, 3) uint8, or float in [-1, 1]; frame_mask (B, F) bool (default: all
+  valid); frame_item (B, F) int: the item (0-based, in the order of the placeholders in the
+  text) each crop/frame belongs to (default: all item 0).
 The text has one `image_token_id` / `video_token_id` placeholder per item; text token t sees
 only the items whose placeholder is at or before t.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,20 +24,9 @@ import ml_collections
 
 from lavi_jax.models.llm import LLM, causal_mask
 from lavi_jax.models.projector import FrameIndexEmbedding, Projector
+from lavi_jax.models.visual import Pool, VisualInput, VisualTokens, pool_from_padded, table_layout
 from lavi_jax.models.vit import ViT
 from lavi_jax.models.viln import Conditioning, ViLNContext, VisualMemory, token_conditioning
-
-VisualInput = dict[str, jax.Array]
-
-
-@flax.struct.dataclass
-class VisualTokens:
-  """tokens (B, N, C); mask, item (B, N); segments: static ((F, h, w), ...) making up N."""
-  tokens: jax.Array
-  mask: jax.Array
-  item: jax.Array
-  segments: tuple[tuple[int, int, int], ...] = flax.struct.field(pytree_node=False)
-
 
 def is_placeholder(input_ids: jax.Array, model: ml_collections.ConfigDict) -> jax.Array:
   """input_ids (B, T) -> (B, T) bool: the token is an image or video placeholder."""
@@ -107,38 +96,32 @@ class LaVi(nn.Module):
     if cfg.fusion == 'viln':
       self.viln_context = ViLNContext(cfg)
 
-  def encode_kind(self, visual: VisualInput, video: bool):
-    """One kind of visual input -> (tokens (B, F*P, C), mask, item (B, F*P), (F, h, w))."""
-    pixels = visual['pixel_values']
-    b, f = pixels.shape[:2]
-    frame_mask = visual.get('frame_mask', jnp.ones((b, f), bool))
-    frame_item = visual.get('frame_item', jnp.zeros((b, f), jnp.int32))
-    features = self.vit(pixels.reshape((b * f,) + pixels.shape[2:]))
-    if video and self.cfg.vision.video_pool > 1:
-      features = pool_grid(features, self.cfg.vision.video_pool)
-    tokens = self.projector(features)
-    p = tokens.shape[1]
-    tokens = self.frame_index(tokens.reshape(b, f, p, -1), frame_item)
-    side = int(round(p ** 0.5))
-    return (tokens.reshape(b, f * p, -1), jnp.repeat(frame_mask, p, axis=1),
-            jnp.repeat(frame_item, p, axis=1), (f, side, side))
+  def encode_visual(self, images: VisualInput | None = None, videos: VisualInput | None = None,
+                    visual: Pool | None = None) -> VisualTokens | None:
+    """A frame pool (`visual=`), or padded images and/or videos -> VisualTokens (or None).
 
-  def encode_visual(self, images: VisualInput | None = None,
-                    videos: VisualInput | None = None) -> VisualTokens | None:
-    """Images and/or videos -> VisualTokens (images first, then videos)."""
-    parts = [self.encode_kind(v, video) for v, video in ((images, False), (videos, True))
-             if v is not None]
-    if not parts:
+    The ViT encodes each of the pool's G * M slots once; video frames also get their pooled
+    grid (see lavi_jax.models.visual).
+    """
+    pool = visual if visual is not None else pool_from_padded(self.cfg, images, videos)
+    if pool is None:
       return None
-    tokens, mask, item, segments = zip(*parts)
-    return VisualTokens(jnp.concatenate(tokens, 1), jnp.concatenate(mask, 1),
-                        jnp.concatenate(item, 1), tuple(segments))
+    pixels = pool['pixels']
+    g, m = pixels.shape[:2]
+    grids = table_layout(self.cfg.vision, 'frame_video' in pool)
+    features = self.vit(pixels.reshape((g * m,) + pixels.shape[2:]))  # (G*M, P_img, Dv)
+    if len(grids) > 1:
+      features = jnp.concatenate([features, pool_grid(features, self.cfg.vision.video_pool)], 1)
+    tokens = self.projector(features)
+    tokens = self.frame_index(tokens.reshape((g, m) + tokens.shape[1:]), pool['frame_index'])
+    return VisualTokens(tokens.reshape(g, -1, tokens.shape[-1]), pool['token_source'],
+                        pool['token_mask'], pool['token_item'], grids)
 
   def visual_memory(self, visual: VisualTokens | None) -> VisualMemory | None:
     """What the ViLN conditioners read from the visual tokens, per sample (fusion='viln')."""
     if visual is None:
       return None
-    return self.viln_context(visual.tokens, visual.mask, visual.item, visual.segments)
+    return self.viln_context(visual)
 
   def conditioning(self, visual: VisualTokens | None,
                    token_items: jax.Array) -> Conditioning | None:
@@ -147,24 +130,35 @@ class LaVi(nn.Module):
     return None if memory is None else token_conditioning(memory, token_items)
 
   def __call__(self, input_ids, text_mask=None, images: VisualInput | None = None,
-               videos: VisualInput | None = None) -> jax.Array:
+               videos: VisualInput | None = None, visual: Pool | None = None) -> jax.Array:
     """input_ids (B, T), text_mask (B, T) bool (right padding) -> logits (B, T, V) float32.
 
-    Logits at t predict token t + 1 of the text (for concat, placeholders excluded).
+    Visual input: a frame pool (`visual`, as training batches carry it) or padded `images` /
+    `videos`. Logits at t predict token t + 1 of the text (for concat, placeholders excluded).
     """
+    return self.logits(self.hidden(input_ids, text_mask, images, videos, visual))
+
+  def hidden(self, input_ids, text_mask=None, images: VisualInput | None = None,
+             videos: VisualInput | None = None, visual: Pool | None = None) -> jax.Array:
+    """As `__call__`, but the LLM's final-normed hidden states (B, T, D) that give the logits."""
     b, t = input_ids.shape
     text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
-    visual = self.encode_visual(images, videos)
+    visual = self.encode_visual(images, videos, visual)
     if self.cfg.fusion == 'concat' and visual is not None:
       embeds, valid, out_pos = self.concat_inputs(input_ids, text_mask, visual)
       positions = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
       hidden = self.llm.hidden_states(embeds, positions, causal_mask(valid))
-      return self.llm.logits(jnp.take_along_axis(hidden, out_pos[:, :, None], axis=1))
+      return jnp.take_along_axis(hidden, out_pos[:, :, None], axis=1)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     cond = None
     if self.cfg.fusion == 'viln':
       cond = self.conditioning(visual, count_items_so_far(input_ids, self.cfg))
-    return self.llm(input_ids, positions, causal_mask(text_mask), cond)
+    return self.llm.hidden_states(self.llm.embed(input_ids), positions, causal_mask(text_mask),
+                                  cond)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Final-normed hidden states (B, T, D) -> logits (B, T, V) float32."""
+    return self.llm.logits(hidden)
 
   def concat_inputs(self, input_ids, text_mask, visual: VisualTokens):
     """fusion='concat': the merged sequence, each placeholder replaced by its item's tokens.
@@ -179,7 +173,7 @@ class LaVi(nn.Module):
     embeds = self.llm.embed(input_ids)
     merged = jnp.zeros((b, length, embeds.shape[-1]), embeds.dtype)
     merged = merged.at[rows, text_dest].set(embeds, mode='drop')
-    merged = merged.at[rows, visual_dest].set(visual.tokens.astype(embeds.dtype), mode='drop')
+    merged = merged.at[rows, visual_dest].set(visual.gather().astype(embeds.dtype), mode='drop')
     valid = jnp.zeros((b, length), bool)
     valid = valid.at[rows, text_dest].set(text_mask, mode='drop')
     valid = valid.at[rows, visual_dest].set(True, mode='drop')

@@ -7,7 +7,6 @@ Names mirror Hugging Face LLaVA's `multi_modal_projector.linear_1/linear_2`.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -27,25 +26,18 @@ class Projector(nn.Module):
     return Dense(c, ('vis_mlp', 'ctx_embed'), name='linear_2', **kw)(nn.gelu(x, approximate=False))
 
 
-def index_within_item(frame_item: jax.Array) -> jax.Array:
-  """frame_item (B, F) -> (B, F): how many earlier frames belong to the same item."""
-  same = frame_item[:, :, None] == frame_item[:, None, :]
-  earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)
-  return jnp.sum(same & earlier[None], axis=-1)
-
-
 class FrameIndexEmbedding(nn.Module):
   """Adds a learned (zero-initialised) embedding of each crop/frame's index within its item.
 
-  tokens (B, F, P, C), frame_item (B, F) -> (B, F, P, C).
+  tokens (G, M, P, C), frame_index (G, M) -> (G, M, P, C).
   """
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, tokens, frame_item):
+  def __call__(self, tokens, frame_index):
     table = self.param('embedding', partitioned(nn.initializers.zeros, ('frames', 'ctx_embed')),
                        (self.config.projector.max_frames, tokens.shape[-1]),
                        dtype_of(self.config.param_dtype))
-    index = jnp.minimum(index_within_item(frame_item), table.shape[0] - 1)
+    index = jnp.minimum(frame_index, table.shape[0] - 1)
     out = tokens + table.astype(tokens.dtype)[index][:, :, None, :]
     return constrain(out, ('batch', 'frames', 'length', 'ctx_embed'))

@@ -2,7 +2,7 @@
 
     x_i = h_i / rms(h_i);  [dg_i; db_i] = C_l(x_i, V);  ViLN(h_i, V) = (g + dg_i) * x_i + db_i
 
-Shapes: B batch, T text length, N visual tokens, D LLM width, C visual width (d_ctx),
+Shapes: B batch, T text length, N visual tokens per row, D LLM width, C visual width (d_ctx),
 G conditioner groups (`kv_groups`), Hc / Dc conditioner heads / head width.
 
 What the conditioners read is computed in two parts, outside the layer loop:
@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lavi_jax.models.layers import Dense, LayerNorm, attention, dtype_of, partitioned, rms_normalize
+from lavi_jax.models.layers import (Dense, LayerNorm, attention, constrain, dtype_of, partitioned,
+                                    rms_normalize)
+from lavi_jax.models.visual import VisualTokens
 
 # {'mask', 'item' (B,N); 'k','v' (G,B,N,Hc,Dc) | 'tokens' (B,N,C) (mlp) | 'mixed' (G,B,N,C)}
 VisualMemory = dict[str, Any]
@@ -90,35 +92,40 @@ class ViLNContext(nn.Module):
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, tokens, visual_mask, visual_item, segments) -> VisualMemory:
-    """tokens (B, N, C), visual_mask/visual_item (B, N).
-
-    segments: ((F, h, w), ...) the token grids that make up N (used by the conv conditioner).
-    """
+  def __call__(self, visual: VisualTokens) -> VisualMemory:
+    """Each row's visual tokens (B, N) gathered from the encoded pool (see models/visual.py)."""
     cfg = self.config.viln
     dtype, param_dtype = dtype_of(self.config.dtype), dtype_of(self.config.param_dtype)
-    tokens = tokens.astype(dtype)
-    out = {'mask': visual_mask, 'item': visual_item}
+    out = {'mask': visual.mask, 'item': visual.item}
     groups = cfg.kv_groups
+    if cfg.conditioner == 'conv':  # one ConvMixer per group, over each slot's token grids
+      mixers = nn.vmap(ConvMixer, variable_axes={'params': 0}, split_rngs={'params': True},
+                       in_axes=None, out_axes=0, axis_size=groups,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      g, k, c = visual.table.shape
+      per_slot = sum(h * w for h, w in visual.grids)
+      slots = visual.table.astype(dtype).reshape(g * k // per_slot, per_slot, c)
+      segments = tuple((1, h, w) for h, w in visual.grids)
+      mixed = mixers(self.config, segments, name='conv_mixer')(slots)  # (Gc, G*M, P, C)
+      out['mixed'] = jax.vmap(visual.gather)(mixed.reshape(groups, g, k, c))  # (Gc, B, N, C)
+      return out
+    tokens = constrain(visual.gather().astype(dtype), ('batch', 'vis_tokens', 'ctx_embed'))
     if cfg.conditioner == 'attention':
       for name in ('k', 'v'):
         kv = Dense((groups, cfg.heads, cfg.head_dim),
                    ('ctx_embed', 'layers', 'cond_heads', 'cond_dim'), dtype=dtype,
                    param_dtype=param_dtype, name=f'{name}_proj')(tokens)
+        kv = constrain(kv, ('batch', 'vis_tokens', 'layers', 'cond_heads', 'cond_dim'))
         out[name] = kv.transpose(2, 0, 1, 3, 4)  # (G, B, N, Hc, Dc)
-    elif cfg.conditioner == 'mlp':
+    else:  # mlp
       out['tokens'] = tokens
-    else:  # conv: one ConvMixer per group
-      mixers = nn.vmap(ConvMixer, variable_axes={'params': 0}, split_rngs={'params': True},
-                       in_axes=None, out_axes=0, axis_size=groups,
-                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      out['mixed'] = mixers(self.config, segments, name='conv_mixer')(tokens)  # (G, B, N, C)
     return out
 
 
 def token_conditioning(memory: VisualMemory, token_items: jax.Array) -> Conditioning:
   """The conditioning of text tokens that have seen `token_items` (B, T) visual items each."""
-  allowed = allowed_mask(token_items, memory['mask'], memory['item'])
+  allowed = constrain(allowed_mask(token_items, memory['mask'], memory['item']),
+                      ('batch', 'length', 'vis_tokens'))
   out = {'allowed': allowed, 'has_visual': allowed.any(-1)}
   if 'k' in memory:
     out['k'], out['v'] = memory['k'], memory['v']
@@ -155,7 +162,7 @@ class Conditioner(nn.Module):
           jnp.concatenate([x, summary.astype(x.dtype)], axis=-1))
       delta = Dense((2, d), ('cond_mlp', None, 'embed'), zero_init=zero_last, name='fc2',
                     **kw)(nn.gelu(hidden))
-    delta = delta.astype(jnp.float32)
+    delta = constrain(delta.astype(jnp.float32), ('batch', 'length', None, 'embed'))
     if cfg.gate == 'tanh':
       alpha = self.param('gate', partitioned(nn.initializers.zeros, ()), (), jnp.float32)
       delta = delta * jnp.tanh(alpha)

@@ -63,7 +63,8 @@ class SiglipLayer(nn.Module):
 
 
 class ViT(nn.Module):
-  """pixel_values (M, S, S, 3) in [-1, 1] -> features (M, P, D * len(feature_layers)).
+  """pixel_values (M, S, S, 3) uint8 (normalised here, as SigLIP: x / 127.5 - 1) or float in
+  [-1, 1] -> features (M, P, D * len(feature_layers)).
 
   Only the layers up to the deepest feature layer run; the rest (and `post_layernorm`) exist so
   that a full SigLIP checkpoint loads and exports unchanged.
@@ -78,6 +79,8 @@ class ViT(nn.Module):
     m, s = pixel_values.shape[0], pixel_values.shape[1]
     g = s // p  # like a VALID conv, a remainder of the image beyond g*p pixels is unused
     pixel_values = pixel_values[:, :g * p, :g * p]
+    if jnp.issubdtype(pixel_values.dtype, jnp.integer):
+      pixel_values = pixel_values.astype(jnp.float32) / 127.5 - 1.0
     patches = pixel_values.astype(dtype).reshape(m, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(m, g * g, p, p, 3)
     x = Dense(cfg.hidden_size, (None, None, None, 'vis_embed'), in_axes_count=3,

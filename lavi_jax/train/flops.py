@@ -54,17 +54,23 @@ def _decoder_flops(llm: ml_collections.ConfigDict, tokens: int, batch: int) -> f
 
 
 def forward_flops(model: ml_collections.ConfigDict, batch: int, text_len: int,
-                  image_frames: int = 0, video_frames: int = 0) -> ForwardFlops:
-  """FLOPs of one forward pass on (batch, text_len) text plus frames of images / videos."""
+                  image_frames: int = 0, video_frames: int = 0, *,
+                  vit_passes: float | None = None,
+                  visual_tokens: float | None = None) -> ForwardFlops:
+  """FLOPs of one forward pass on (batch, text_len) text plus, per row, `image_frames` image
+  crops and `video_frames` video frames. A frame-pool batch gives its real work instead:
+  `vit_passes` crops and frames encoded in all, `visual_tokens` per row on average."""
   vis, llm, viln = model.vision, model.llm, model.viln
   patches = (vis.image_size // vis.patch_size) ** 2
   layers_run = max(resolve_feature_layers(vis))
   dv = vis.hidden_size
   vit_layer = 2 * patches * (4 * dv * dv + 2 * dv * vis.intermediate_size) + 4 * patches ** 2 * dv
   per_frame = layers_run * vit_layer + 2 * patches * vis.patch_size ** 2 * 3 * dv
-  frames = batch * (image_frames + video_frames)
+  frames = batch * (image_frames + video_frames) if vit_passes is None else vit_passes
   video_tokens = lavi_config.num_visual_tokens_per_frame(vis, video=True)
   n_visual = image_frames * patches + video_frames * video_tokens  # per sample
+  if visual_tokens is not None:
+    n_visual = visual_tokens
   c = lavi_config.ctx_dim(model)
   d_in = dv * len(vis.feature_layers)
   projector = 2 * batch * n_visual * (d_in * c + c * c)
@@ -91,3 +97,24 @@ def train_step_flops(forward: ForwardFlops, vit_trained: bool) -> float:
   """FLOPs of one training step given the forward FLOPs of its global batch."""
   vision = forward.vision * (3 if vit_trained else 1)
   return vision + 3 * (forward.projector + forward.conditioners + forward.llm)
+
+
+def recomputed_forward_flops(model: ml_collections.ConfigDict, vit_trained: bool,
+                             **dims) -> float | None:
+  """Forward FLOPs that rematerialisation runs again in the backward pass of a train step
+  (`dims`: the arguments of `forward_flops` after the model).
+
+  remat='full' recomputes every differentiated layer: the LLM decoder layers with their
+  conditioners (everything but the embedding, the LM head and the visual context) and, when the
+  ViT trains, the vision tower (its patch embedding included); 'none' recomputes nothing. The
+  selective policies keep some products, so what they recompute is XLA's choice: None.
+  """
+  if model.remat == 'none':
+    return 0.0
+  if model.remat != 'full':
+    return None
+  without_layers = model.copy_and_resolve_references()
+  without_layers.llm.num_layers = 0
+  full, outside = forward_flops(model, **dims), forward_flops(without_layers, **dims)
+  layers = full.llm + full.conditioners - outside.llm - outside.conditioners
+  return layers + (full.vision if vit_trained else 0.0)

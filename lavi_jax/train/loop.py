@@ -12,7 +12,6 @@ import signal
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -61,9 +60,54 @@ def global_batch(local_batch: dict[str, Any], mesh) -> dict[str, Any]:
                       local_batch)
 
 
-def _param_shardings(config: ml_collections.ConfigDict, mesh):
+def make_param_shardings(config: ml_collections.ConfigDict, mesh):
+  """NamedShardings of the model's parameters on `mesh` under the configured rules."""
   abstract = jax.eval_shape(functools.partial(init_params, config.model), jax.random.key(0))
-  return nn.unbox(sharding.logical_shardings(abstract, mesh, sharding.rules(config.mesh)))
+  return sharding.logical_shardings(abstract, mesh, sharding.rules(config.mesh))
+
+
+def jit_train_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh,
+                   param_shardings) -> tuple[Callable, state_lib.TrainState]:
+  """(the jitted train step of `stage`, state donated; the abstract sharded state it takes)."""
+  abstract, shardings = state_lib.state_shardings(config, stage, mesh, param_shardings)
+  trainable, _ = opt_lib.split(abstract.params, stage.config.trainable)
+  tx = opt_lib.make_optimizer(stage, config.train, trainable)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  step = jax.jit(step_lib.make_train_step(config, stage, tx), donate_argnums=0,
+                 out_shardings=(shardings, replicated))
+  return step, abstract
+
+
+def flops_dims(batch, work: dict[str, Any] | None = None) -> dict[str, Any]:
+  """What the analytic FLOPs (`train.flops.forward_flops`) of a global batch (arrays or shapes)
+  depend on: rows, text_len and the visual work. A frame-pool batch counts every slot, or with
+  `work` (the step's `vision_frames` and `visual_tokens` metrics) only those that hold
+  something; padded images / videos count their frames per row."""
+  b, t = batch['input_ids'].shape
+  dims = dict(batch=b, text_len=t)
+  if 'visual' in batch:
+    groups, slots = batch['visual']['frame_index'].shape
+    tokens = batch['visual']['token_source'].shape[1]
+    if work is not None:
+      slots, tokens = float(work['vision_frames']) / groups, float(work['visual_tokens']) / b
+    dims.update(vit_passes=groups * slots, visual_tokens=tokens)
+  else:
+    for key, kind in (('image_frames', 'images'), ('video_frames', 'videos')):
+      dims[key] = batch[kind]['pixel_values'].shape[1] if kind in batch else 0
+  return dims
+
+
+def analytic_step_flops(config: ml_collections.ConfigDict, stage: opt_lib.Stage, params,
+                        batch, work: dict[str, Any] | None = None) -> float:
+  """Analytic FLOPs of a train step of `stage` on a global batch (see `flops_dims`); `params`
+  may be abstract."""
+  forward = flops_lib.forward_flops(config.model, **flops_dims(batch, work))
+  return flops_lib.train_step_flops(forward, vit_trained(params, stage))
+
+
+def vit_trained(params, stage: opt_lib.Stage) -> bool:
+  """Whether `stage` trains any ViT parameter."""
+  return any(k.startswith('vit/') for k in opt_lib.split(params, stage.config.trainable)[0])
 
 
 def _initial_params(config: ml_collections.ConfigDict, param_shardings):
@@ -87,9 +131,12 @@ class Trainer:
     self.stages = opt_lib.stages(config.train)
     self.total_steps = self.stages[-1].end
     self.checkpointer = ckpt_lib.Checkpointer(workdir, config)
-    self.data = iter(pipeline.make_dataset(config, 'train', process_index=jax.process_index(),
-                                           process_count=jax.process_count()))
-    self.param_shardings = _param_shardings(config, self.mesh)
+    data, fsdp, _ = sharding.resolve_mesh_shape(config.mesh)
+    local_shards = max(data * fsdp // jax.process_count(), 1)
+    self.data = iter(pipeline.make_dataset(
+        config, 'train', process_index=jax.process_index(), process_count=jax.process_count(),
+        groups=pipeline.visual_groups(config, local_shards)))
+    self.param_shardings = make_param_shardings(config, self.mesh)
     self.state, self.optimizer_stage = self._initial_state()
     self.writer = MetricsWriter(workdir)
     self._compiled: dict[int, Callable] = {}
@@ -109,25 +156,9 @@ class Trainer:
 
   def _step_fn(self, stage: opt_lib.Stage):
     if stage.index not in self._compiled:
-      trainable, _ = opt_lib.split(self.state.params, stage.config.trainable)
-      tx = opt_lib.make_optimizer(stage, self.config.train, trainable)
-      _, shardings = state_lib.state_shardings(self.config, stage, self.mesh,
-                                               self.param_shardings)
-      replicated = NamedSharding(self.mesh, PartitionSpec())
-      self._compiled[stage.index] = jax.jit(
-          step_lib.make_train_step(self.config, stage, tx), donate_argnums=0,
-          out_shardings=(shardings, replicated))
+      self._compiled[stage.index], _ = jit_train_step(self.config, stage, self.mesh,
+                                                      self.param_shardings)
     return self._compiled[stage.index]
-
-  def _step_flops(self, stage: opt_lib.Stage, batch) -> float:
-    b, t = batch['input_ids'].shape
-    frames = {k: batch[k]['pixel_values'].shape[1] if k in batch else 0
-              for k in ('images', 'videos')}
-    forward = flops_lib.forward_flops(self.config.model, b, t, frames['images'],
-                                      frames['videos'])
-    vit_trained = any(k.startswith('vit/') for k in
-                      opt_lib.split(self.state.params, stage.config.trainable)[0])
-    return flops_lib.train_step_flops(forward, vit_trained)
 
   def _save(self, step: int, force: bool = False):
     self.checkpointer.save(step, self.state, self.data, force=force)
@@ -158,12 +189,11 @@ class Trainer:
 
   def _run_stage(self, stage, step, stop, progress, peak) -> int:
     step_fn = self._step_fn(stage)
-    pending, window_start, step_flops = [], time.perf_counter(), None
+    pending, window_start, shapes = [], time.perf_counter(), None
     devices = jax.device_count()
     while step < stage.end:
       batch = global_batch(next(self.data), self.mesh)
-      if step_flops is None:
-        step_flops = self._step_flops(stage, batch)
+      shapes = shapes or jax.eval_shape(lambda b: b, batch)
       with sharding.activate(self.mesh, self.config.mesh):
         self.state, metrics = step_fn(self.state, batch)
       pending.append(metrics)
@@ -185,7 +215,9 @@ class Trainer:
                               f'step {bad[0]} (stage {stage.name}); nothing after the last '
                               f'checkpoint was saved. Lower the learning rate or check the data.')
         elapsed = time.perf_counter() - window_start
-        summary = _summarise(fetched, elapsed, step_flops, devices, peak)
+        flops = sum(analytic_step_flops(self.config, stage, self.state.params, shapes,
+                                        m if 'vision_frames' in m else None) for m in fetched)
+        summary = _summarise(fetched, elapsed, flops, devices, peak)
         summary['stage'] = stage.name
         progress.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.2f}')
         pending = []
@@ -238,9 +270,10 @@ def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] |
   return run
 
 
-def _summarise(fetched: list[dict], elapsed: float, step_flops: float, devices: int,
+def _summarise(fetched: list[dict], elapsed: float, flops: float, devices: int,
                peak: float | None) -> dict[str, float]:
-  """Averages over a log window plus throughput: step time, tokens/s/device, TFLOP/s, MFU."""
+  """Averages over a log window of steps that did `flops` analytic FLOPs of real work, plus
+  throughput: step time, tokens/s/device, TFLOP/s, MFU."""
   n = len(fetched)
   loss_tokens = sum(float(m['loss_tokens']) for m in fetched)
   out = {
@@ -252,7 +285,7 @@ def _summarise(fetched: list[dict], elapsed: float, step_flops: float, devices: 
       'step_time_s': elapsed / n,
       'tokens_per_s_per_device': sum(float(m['text_tokens']) for m in fetched) / elapsed /
                                  devices,
-      'tflops_per_s_per_device': step_flops * n / elapsed / devices / 1e12,
+      'tflops_per_s_per_device': flops / elapsed / devices / 1e12,
   }
   for counter in step_lib.DATA_COUNTERS:
     if counter in fetched[0]:

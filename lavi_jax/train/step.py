@@ -1,47 +1,78 @@
 """The jitted train step: masked next-token loss, gradient accumulation, optimizer update.
 
 Batch (global arrays; see lavi_jax.data.pipeline): input_ids, text_mask, targets, loss_mask
-(B, T); images / videos dicts (B, F, S, S, 3) pixels with (B, F) masks and item indices.
+(B, T); the frame pool `visual` (lavi_jax.models.visual), or padded `images` / `videos` dicts
+(B, F, S, S, 3) pixels with (B, F) masks and item indices.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from lavi_jax import sharding
 from lavi_jax.models import LaVi
+from lavi_jax.train import loss as loss_lib
 from lavi_jax.train import optimizer as opt_lib
 from lavi_jax.train.state import TrainState
 
-MODEL_INPUTS = ('input_ids', 'text_mask', 'images', 'videos')
-DATA_COUNTERS = ('num_skipped', 'num_truncated')
+MODEL_INPUTS = ('input_ids', 'text_mask', 'images', 'videos', 'visual')
+DATA_COUNTERS = ('num_skipped', 'num_truncated', 'num_visual_trimmed')
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
   return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def loss_sums(model: LaVi, params, batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """(summed masked NLL, (number of loss tokens, number predicted correctly))."""
-  logits = model.apply({'params': params}, **model_inputs(batch))
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, batch['targets'][..., None], axis=-1)[..., 0]
-  mask = batch['loss_mask'].astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == batch['targets']).astype(jnp.float32) * mask
-  return jnp.sum(nll * mask), (jnp.sum(mask), jnp.sum(correct))
+def loss_sums(model: LaVi, params, batch, chunk: int) -> tuple[jax.Array,
+                                                            tuple[jax.Array, jax.Array]]:
+  """(summed masked NLL, (number of loss tokens, number predicted correctly)); the logits are
+  made `chunk` positions at a time (lavi_jax.train.loss)."""
+  hidden = model.apply({'params': params}, **model_inputs(batch), method=LaVi.hidden)
+  logits = lambda h: model.apply({'params': params}, h, method=LaVi.logits)
+  nll, count, correct = loss_lib.token_sums(logits, hidden, batch['targets'],
+                                            batch['loss_mask'], chunk)
+  return nll, (count, correct)
 
 
-def _micro_batches(batch, steps: int):
-  """Leading axis B -> (steps, B / steps)."""
+def batch_shards() -> int:
+  """Devices the batch axis is split over (data x fsdp) in the current mesh (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH)
+
+
+def micro_batches(batch, steps: int, shards: int):
+  """Leading axis B (rows, or frame-pool groups) -> (steps, B / steps).
+
+  The batch axis is split over `shards` devices in contiguous blocks; micro-batch k takes the
+  k-th part of every device's block, so each micro-batch spreads over all devices as the batch
+  does (and a device's frame-pool groups stay with its rows).
+  """
   def split(x):
-    if x.shape[0] % steps:
-      raise ValueError(f'batch size {x.shape[0]} is not divisible by accumulation_steps={steps}')
-    return x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
+    b = x.shape[0]
+    if b % (steps * shards):
+      raise ValueError(f'a batch axis of {b} does not split into accumulation_steps={steps} '
+                       f'micro-batches over {shards} batch shards')
+    x = x.reshape((shards, steps, b // (shards * steps)) + x.shape[1:]).swapaxes(0, 1)
+    x = x.reshape((steps, b // steps) + x.shape[3:])
+    return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
   return jax.tree.map(split, batch)
+
+
+def visual_work(batch) -> dict[str, jax.Array]:
+  """Crops/frames encoded and visual tokens read that hold something (frame-pool batches)."""
+  if 'visual' not in batch:
+    return {}
+  pool = batch['visual']
+  return dict(vision_frames=jnp.sum(pool['frame_valid']),
+              visual_tokens=jnp.sum(pool['token_mask']))
 
 
 def make_train_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage,
@@ -58,7 +89,8 @@ def make_train_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage,
   def train_step(state: TrainState, batch):
     trainable, frozen = opt_lib.split(state.params, stage.config.trainable)
     grad_fn = jax.value_and_grad(
-        lambda t, b: loss_sums(model, opt_lib.merge(t, frozen), b), has_aux=True)
+        lambda t, b: loss_sums(model, opt_lib.merge(t, frozen), b, config.train.loss_chunk),
+        has_aux=True)
 
     def accumulate(carry, micro):
       (loss, (count, correct)), grads = grad_fn(trainable, micro)
@@ -67,8 +99,8 @@ def make_train_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage,
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     init = (zeros, 0.0, 0.0, 0.0)
-    (grads, loss, count, correct), _ = jax.lax.scan(accumulate, init,
-                                                    _micro_batches(batch, steps))
+    (grads, loss, count, correct), _ = jax.lax.scan(
+        accumulate, init, micro_batches(batch, steps, batch_shards()))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -77,7 +109,7 @@ def make_train_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage,
                               opt_state=opt_state)
     metrics = dict(loss=loss / count, accuracy=correct / count, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step - stage.start), loss_tokens=count,
-                   text_tokens=jnp.sum(batch['text_mask']))
+                   text_tokens=jnp.sum(batch['text_mask']), **visual_work(batch))
     for counter in DATA_COUNTERS:  # bad records skipped, conversations truncated
       if counter in batch:
         metrics[counter] = jnp.sum(batch[counter])
