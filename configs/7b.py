@@ -27,6 +27,12 @@ def get_config(arg=None):
   config.data.update(
       # AnyRes: the base crop + up to 9 grid crops; 32 frames per video.
       max_crops=10, num_frames=32, chat_template='chatml',
+      # The vision tower encodes 8 crops/frames per row on average (frame pools): enough for
+      # the AnyRes images of LLaVA-OneVision's single-image data (a 2 x 2 or 2 x 3 grid + base
+      # crop is common) and a 32-frame video in a group of 8 rows. The metrics show how full
+      # the pools were (visual_slot_use) and how many items were trimmed to fit
+      # (num_visual_trimmed); set it to your data.
+      frames_per_row=8,
       # The text only: LaVi's visual tokens never enter the sequence.
       max_text_len=2048,
       # Rows per device of each step, for finetune-scale pods (global batch = 8 x chips, 512 on

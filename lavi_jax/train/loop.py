@@ -287,6 +287,8 @@ def _summarise(fetched: list[dict], elapsed: float, flops: float, devices: int,
                                  devices,
       'tflops_per_s_per_device': flops / elapsed / devices / 1e12,
   }
+  if 'visual_slot_use' in fetched[0]:  # how full the frame pools were (data.frames_per_row)
+    out['visual_slot_use'] = float(np.mean([m['visual_slot_use'] for m in fetched]))
   for counter in step_lib.DATA_COUNTERS:
     if counter in fetched[0]:
       out[counter] = int(sum(int(m[counter]) for m in fetched))

@@ -72,7 +72,8 @@ def visual_work(batch) -> dict[str, jax.Array]:
     return {}
   pool = batch['visual']
   return dict(vision_frames=jnp.sum(pool['frame_valid']),
-              visual_tokens=jnp.sum(pool['token_mask']))
+              visual_tokens=jnp.sum(pool['token_mask']),
+              visual_slot_use=jnp.mean(pool['frame_valid'].astype(jnp.float32)))
 
 
 def make_train_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage,
