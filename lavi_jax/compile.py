@@ -1,0 +1,430 @@
+"""Ahead-of-time TPU compile check: per-chip HBM, FLOPs and compile time of the real train step
+of each stage (and optionally of the generation programs) for a named TPU slice, compiled by
+libtpu on any machine, no TPU needed (DESIGN.md section 7).
+
+  python -m lavi_jax.compile --config=configs/7b.py --topology=v5p-64 [--stages=finetune]
+  python -m lavi_jax.compile --config=configs/7b.py --topology=v5e:16x16 --num_slices=2 \\
+      --config.mesh.num_slices=2 --json=report.json
+
+Peak HBM per chip = arguments + outputs - aliased (donated) + temporaries + generated code, all
+from `memory_analysis()`. Exits with status 1 (a message, no traceback) when a program does not
+fit its chip, does not compile, or the config does not suit the mesh.
+
+FLOPs: `cost_analysis()` counts a loop body once: the scanned LLM layers (one modulation period
+of layers, `models.llm.modulation_period`, per iteration) and the accumulated micro-batches. The
+whole step is F = steps x (F_compiled + (L / p - 1) x B): B, the FLOPs of one period of layers on
+one micro-batch, is the difference between two unrolled compiles of the same step at 2p and p LLM
+layers, without accumulation, on one micro-batch, with the vision tower cut to the layers its
+features need (B does not depend on it). This counts the optimizer update (elementwise, about
+1e-6 of a 7B step) once per micro-batch. The compiler's time estimate ('optimal_seconds') is
+extrapolated alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from ml_collections import config_flags
+
+from lavi_jax import config as lavi_config
+from lavi_jax import sharding
+from lavi_jax.data import pipeline
+from lavi_jax.inference import decode
+from lavi_jax.models import abstract_params
+from lavi_jax.models.llm import modulation_period
+from lavi_jax.train import flops as flops_lib
+from lavi_jax.train import loop
+from lavi_jax.train import optimizer as opt_lib
+
+HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
+# Slice-name prefix -> (generation, TensorCores per chip counted in the name, smallest slice).
+SLICES = {'v4': ('v4', 2, (2, 2, 1)), 'v5p': ('v5p', 2, (2, 2, 1)), 'v5e': ('v5e', 1, (1, 1)),
+          'v5litepod': ('v5e', 1, (1, 1)), 'v6e': ('v6e', 1, (1, 1))}
+GENERATION_NEW_TOKENS = 256  # answer length of the generation programs (eval.max_new_tokens: 0)
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/7b.py', 'Run config file.')
+_TOPOLOGY = flags.DEFINE_string('topology', 'v5p-64',
+                                'Cloud TPU slice (v4-32, v5p-64, v5e-256, v5litepod-256, v6e-64) '
+                                'or topology name (v5p:2x4x4, v5e:16x16, v6e:8x8, v4:2x2x4).')
+_NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices of a multi-slice job (must equal '
+                                   'config.mesh.num_slices).')
+_STAGES = flags.DEFINE_list('stages', None, 'Stages to compile (default: train.stage_order).')
+_GENERATION = flags.DEFINE_bool('generation', False, 'Also compile the generation prefill and '
+                                'decode programs (single chip).')
+_FLOPS = flags.DEFINE_bool('flops', True, 'Measure the whole step\'s FLOPs (two more compiles '
+                            'per stage when layers are scanned); --noflops: memory only.')
+_HBM_GIB = flags.DEFINE_float('hbm_gib', 0.0, 'HBM per chip in GiB (0: the generation\'s).')
+_JSON = flags.DEFINE_string('json', None, 'Write the report (one dict per program) here.')
+
+
+class CheckFailed(Exception):
+  """The check's verdict: a program does not fit or does not compile (the message says which)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # libtpu topology name, e.g. 'v5p:2x4x4'
+  generation: str  # 'v4', 'v5e', 'v5p' or 'v6e'
+  num_slices: int = 1
+
+  @property
+  def chips_per_slice(self) -> int:
+    return math.prod(int(d) for d in self.name.split(':')[1].split('x'))
+
+  @property
+  def num_chips(self) -> int:
+    return self.chips_per_slice * self.num_slices
+
+  @property
+  def hbm_bytes(self) -> int:
+    return HBM_GIB[self.generation] * 2**30
+
+
+def _slice_shape(smallest: tuple[int, ...], chips: int) -> tuple[int, ...]:
+  """The standard shape of a slice of `chips` chips: from the smallest slice, the smallest
+  dimension (the last among equals) doubles until the chips are reached."""
+  dims = list(smallest)
+  while math.prod(dims) < chips:
+    i = min(range(len(dims)), key=lambda i: (dims[i], -i))
+    dims[i] *= 2
+  if math.prod(dims) != chips:
+    raise ValueError(f'{chips} chips is not a standard slice size')
+  return tuple(dims)
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+  """'v5p-64' (v4/v5p names count TensorCores, 2 per chip; v5e/v6e names count chips) or a
+  topology name 'v5p:2x4x4' -> Topology."""
+  match = re.fullmatch(r'(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)', name)
+  if match:
+    generation, shape = match.groups()
+    dims = len(SLICES[generation][2])
+    if len(shape.split('x')) != dims:
+      raise ValueError(f'--topology={name}: {generation} topologies have {dims} dimensions')
+    return Topology(name, generation, num_slices)
+  match = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)-(\d+)', name)
+  if not match:
+    raise ValueError(f'--topology={name}: expected a slice name like v5p-64 or v5e-256, or a '
+                     f'topology name like v5p:2x4x4 or v5e:16x16')
+  generation, cores, smallest = SLICES[match[1]]
+  count = int(match[2])
+  if count % cores:
+    raise ValueError(f'--topology={name}: {match[1]} slice names count TensorCores ({cores} per '
+                     f'chip), so the number must be even')
+  try:
+    shape = _slice_shape(smallest, count // cores)
+  except ValueError as e:
+    raise ValueError(f'--topology={name}: {e}; give the topology name instead '
+                     f'(e.g. {generation}:{"x".join(["4"] * len(smallest))})') from e
+  return Topology(f'{generation}:{"x".join(map(str, shape))}', generation, num_slices)
+
+
+def topology_devices(topology: Topology) -> list:
+  """The topology's compile-only TPU devices (all slices)."""
+  # Only compiles: several processes (tests, a running job) may hold libtpu at once.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  # v4 and v5p chips hold two TensorCores: one device per chip ('megacore'), as on a pod.
+  chip = dict(chip_config_name='megacore') if topology.generation in ('v4', 'v5p') else {}
+  return topologies.get_topology_desc(topology_name=topology.name, platform='tpu',
+                                      num_slices=topology.num_slices, **chip).devices
+
+
+def memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+  """Per-chip bytes of a compiled program and its peak (see the module docstring)."""
+  m = compiled.memory_analysis()
+  out = dict(argument_bytes=m.argument_size_in_bytes, output_bytes=m.output_size_in_bytes,
+             alias_bytes=m.alias_size_in_bytes, temp_bytes=m.temp_size_in_bytes,
+             generated_code_bytes=m.generated_code_size_in_bytes)
+  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] - out['alias_bytes'] +
+                       out['temp_bytes'] + out['generated_code_bytes'])
+  return out
+
+
+def _cost(compiled: jax.stages.Compiled) -> tuple[float, float | None]:
+  """(FLOPs, the compiler's seconds estimate or None) per chip, loop bodies counted once."""
+  cost = compiled.cost_analysis()
+  return cost.get('flops', 0.0), cost.get('optimal_seconds')
+
+
+def _abstract_batch(config: ml_collections.ConfigDict, global_batch: int, mesh) -> dict[str, Any]:
+  """The global batch's ShapeDtypeStructs (frame-pool groups as the trainer's data makes them):
+  entries whose leading axis (rows or groups) splits over (data, fsdp) are split so, any others
+  replicated."""
+  shards = math.prod(mesh.shape[a] for a in sharding.BATCH)
+  split, replicated = sharding.data_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+
+  def place(x):
+    s = split if x.shape and x.shape[0] % shards == 0 else replicated
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+  spec = pipeline.batch_spec(config, global_batch, pipeline.visual_groups(config, shards))
+  return jax.tree.map(place, spec)
+
+
+def _compile_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh, batch):
+  """(compiled train step, its abstract state, lower + compile seconds); raises CheckFailed."""
+  start = time.perf_counter()
+  step, state = loop.jit_train_step(config, stage, mesh, loop.make_param_shardings(config, mesh))
+  try:
+    with sharding.activate(mesh, config.mesh):
+      compiled = step.lower(state, batch).compile()
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    raise CheckFailed(_compile_failure(f'stage {stage.name}: the train step', e)) from e
+  return compiled, state, time.perf_counter() - start
+
+
+def _compile_failure(what: str, error: Exception) -> str:
+  first_line = str(error).strip().splitlines()[0]
+  if 'RESOURCE_EXHAUSTED' in first_line:
+    return (f'{what} does not fit in HBM: {first_line} Lower data.per_device_batch_size (or '
+            f'data.batch_size) and raise train.accumulation_steps to keep the global batch, '
+            f'or shard more (config.mesh).')
+  return f'{what} does not compile: {type(error).__name__}: {first_line}'
+
+
+def _vit_layers_run(vision: ml_collections.ConfigDict) -> int:
+  """The fewest ViT layers that keep every configured feature layer valid."""
+  return max([i for i in vision.feature_layers if i > 0] +
+             [-i - 1 for i in vision.feature_layers if i < 0] + [1])
+
+
+def _period_cost(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh,
+                 micro_batch: int) -> tuple[int, float, float | None]:
+  """(p, FLOPs, compiler seconds) per chip of one modulation period of p LLM layers on one
+  micro-batch: unrolled compiles at 2p and p layers, subtracted."""
+  period = modulation_period(lavi_config.modulated_layers(config.model))
+  costs = []
+  for periods in (2, 1):
+    small = config.copy_and_resolve_references()
+    small.model.llm.num_layers = periods * period
+    small.model.vision.num_layers = _vit_layers_run(config.model.vision)
+    small.model.scan_layers = False
+    small.train.accumulation_steps = 1
+    batch = _abstract_batch(small, micro_batch, mesh)
+    costs.append(_cost(_compile_step(small, stage, mesh, batch)[0]))
+  (f2, s2), (f1, s1) = costs
+  return period, f2 - f1, None if s1 is None else s2 - s1
+
+
+def whole_step_cost(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh,
+                    global_batch: int, compiled: jax.stages.Compiled) -> dict[str, Any]:
+  """Per-chip FLOPs and compiler seconds of the whole step (module docstring), and the method."""
+  steps = config.train.accumulation_steps
+  flops, seconds = _cost(compiled)
+  method = 'as compiled'
+  if config.model.scan_layers:
+    period, layer_flops, layer_seconds = _period_cost(config, stage, mesh, global_batch // steps)
+    extra = config.model.llm.num_layers / period - 1
+    flops += extra * layer_flops
+    seconds = None if seconds is None or layer_seconds is None else seconds + extra * layer_seconds
+    method += f' + {extra:g} x (unrolled {2 * period} - {period} layers)'
+  if steps > 1:
+    method = f'{steps} micro-batches x ({method})'
+  return dict(flops_per_chip=steps * flops,
+              compiler_seconds=None if seconds is None else steps * seconds, flops_method=method)
+
+
+def stage_report(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh, global_batch: int,
+                 topology: Topology, hbm_bytes: int,
+                 flops: bool = True) -> tuple[jax.stages.Compiled, dict]:
+  """(the compiled train step of `stage`, its report) on `mesh`; without `flops`, the whole
+  step's FLOPs (and the ratios) are None."""
+  batch = _abstract_batch(config, global_batch, mesh)
+  compiled, state, seconds = _compile_step(config, stage, mesh, batch)
+  cost = (whole_step_cost(config, stage, mesh, global_batch, compiled) if flops else
+          dict(flops_per_chip=None, compiler_seconds=None, flops_method=None))
+  dims = loop.flops_dims(batch)
+  analytic = loop.analytic_step_flops(config, stage, state.params, batch)
+  recomputed = flops_lib.recomputed_forward_flops(config.model,
+                                                  loop.vit_trained(state.params, stage), **dims)
+  with_remat = None if recomputed is None else analytic + recomputed
+  per_chip = cost['flops_per_chip']
+  compiled_flops = None if per_chip is None else per_chip * topology.num_chips
+  as_compiled, compiler_as_compiled = _cost(compiled)
+  report = dict(
+      program='train_step', stage=stage.name, topology=topology.name,
+      num_slices=topology.num_slices, chips=topology.num_chips,
+      mesh=dict(mesh.shape), global_batch=global_batch, text_len=dims['text_len'],
+      **memory(compiled), hbm_bytes=hbm_bytes,
+      flops_per_chip_as_compiled=as_compiled, compiler_seconds_as_compiled=compiler_as_compiled,
+      **cost, flops=compiled_flops, analytic_flops=analytic,
+      analytic_flops_with_remat=with_remat, remat=config.model.remat,
+      flops_over_analytic=_ratio(compiled_flops, analytic),
+      flops_over_analytic_with_remat=_ratio(compiled_flops, with_remat),
+      compile_seconds=seconds)
+  report['fits'] = report['peak_bytes'] <= hbm_bytes
+  return compiled, report
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return None if a is None or b is None else a / b
+
+
+def generation_reports(config: ml_collections.ConfigDict, device,
+                       hbm_bytes: int) -> list[tuple[jax.stages.Compiled, dict]]:
+  """(compiled program, report) of the prefill and decode loop of greedy generation on one chip:
+  eval.batch_size requests of eval.max_len cache slots (the answer: eval.max_new_tokens, else
+  GENERATION_NEW_TOKENS), each with an image of the data config's most crops and, when it has
+  videos, a video of its frames."""
+  new_tokens = config.eval.max_new_tokens or GENERATION_NEW_TOKENS
+  b, prompt = config.eval.batch_size, config.eval.max_len - new_tokens
+  example = pipeline.example_spec(config)
+  chip = SingleDeviceSharding(device)
+  place = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=chip)
+  params = jax.tree.map(lambda x: place(x.shape, x.dtype), abstract_params(config.model))
+  pixels = lambda frames: dict(pixel_values=place(
+      (b, frames, example.image_size, example.image_size, 3), np.float32))
+  videos = pixels(example.num_frames) if example.num_frames else None
+  inputs = (place((b, prompt), np.int32), place((b, prompt), np.bool_),
+            pixels(example.image_frames), videos)
+  reports = []
+  start = time.perf_counter()
+  try:
+    programs = decode.programs(config.model, params, *inputs, max_new_tokens=new_tokens)
+    for name, lowered in zip(('prefill', 'decode'), programs):
+      compiled = lowered.compile()
+      flops, seconds = _cost(compiled)
+      reports.append((compiled, dict(
+          program=name, stage='generation', topology=f'one chip ({device.device_kind})',
+          chips=1, batch=b, prompt_len=prompt, new_tokens=new_tokens, **memory(compiled),
+          hbm_bytes=hbm_bytes, flops_per_chip_as_compiled=flops,
+          compiler_seconds_as_compiled=seconds, compile_seconds=time.perf_counter() - start)))
+      reports[-1][1]['fits'] = reports[-1][1]['peak_bytes'] <= hbm_bytes
+      start = time.perf_counter()
+  except (jax.errors.JaxRuntimeError, ValueError) as e:
+    raise CheckFailed(_compile_failure('generation', e)) from e
+  return reports
+
+
+def check(config: ml_collections.ConfigDict, topology: Topology, stages: list[str] | None = None,
+          generation: bool = False, hbm_bytes: int | None = None, flops: bool = True):
+  """Compiles every selected stage's train step (and the generation programs) for `topology`.
+
+  Returns [(compiled program, report dict)], one per program; a stage that does not compile
+  gives (None, its identification with `error`, the message, and fits=False). Raises
+  lavi_jax.config.ConfigError or ValueError for a config that does not suit the topology,
+  CheckFailed for generation programs that do not compile.
+  """
+  if config.mesh.num_slices != topology.num_slices:
+    raise lavi_config.ConfigError(
+        f'config.mesh.num_slices: is {config.mesh.num_slices}, but the topology has '
+        f'{topology.num_slices} slice(s) (--num_slices)')
+  lavi_config.validate_model(config.model)
+  all_stages = opt_lib.stages(config.train)
+  names = stages or [s.name for s in all_stages]
+  unknown = sorted(set(names) - {s.name for s in all_stages})
+  if unknown:
+    raise lavi_config.ConfigError(f'config.train.stage_order: has no stage {unknown} '
+                                  f'(--stages); it has {[s.name for s in all_stages]}')
+  devices = topology_devices(topology)
+  hbm_bytes = hbm_bytes or topology.hbm_bytes
+  mesh = sharding.make_mesh(config.mesh, devices)
+  global_batch = lavi_config.global_batch_size(config, len(devices))
+  out = []
+  for stage in (s for s in all_stages if s.name in names):
+    try:
+      out.append(stage_report(config, stage, mesh, global_batch, topology, hbm_bytes, flops))
+    except CheckFailed as e:
+      out.append((None, dict(program='train_step', stage=stage.name, topology=topology.name,
+                             num_slices=topology.num_slices, chips=topology.num_chips,
+                             mesh=dict(mesh.shape), global_batch=global_batch,
+                             hbm_bytes=hbm_bytes, fits=False, error=str(e))))
+  if generation:
+    out += generation_reports(config, devices[0], hbm_bytes)
+  return out
+
+
+def _gib(n: float) -> str:
+  return f'{n / 2**30:.2f}'
+
+
+def _maybe(value: float | None, style: str = 'f') -> str:
+  return '-' if value is None else f'{value:.3{style}}'
+
+
+def format_table(reports: list[dict]) -> str:
+  """Memory (GiB per chip) and FLOPs (whole step, all chips) of each program."""
+  lines = [f'{"program":<22}{"args":>8}{"out":>8}{"alias":>8}{"temp":>8}{"code":>7}{"peak":>8}'
+           f'{"HBM":>7}  fits', '-' * 82]
+  for r in reports:
+    name = f'{r["stage"]}/{r["program"]}' if r['program'] != 'train_step' else r['stage']
+    if 'error' in r:
+      lines.append(f'{name:<22}{"does not compile (see below)":>52}{_gib(r["hbm_bytes"]):>8}  NO')
+      continue
+    lines.append(f'{name:<22}{_gib(r["argument_bytes"]):>8}{_gib(r["output_bytes"]):>8}'
+                 f'{_gib(r["alias_bytes"]):>8}{_gib(r["temp_bytes"]):>8}'
+                 f'{_gib(r["generated_code_bytes"]):>7}{_gib(r["peak_bytes"]):>8}'
+                 f'{_gib(r["hbm_bytes"]):>7}  {"yes" if r["fits"] else "NO"}')
+  lines += ['', f'{"FLOPs (all chips)":<22}{"compiled":>12}{"analytic":>11}{"+remat":>11}'
+            f'{"ratio":>7}{"ratio+remat":>12}{"est. s":>9}{"compile s":>10}', '-' * 94]
+  for r in reports:
+    if r['program'] != 'train_step' or 'error' in r:
+      continue
+    lines.append(f'{r["stage"]:<22}{_maybe(r["flops"], "e"):>12}'
+                 f'{_maybe(r["analytic_flops"], "e"):>11}'
+                 f'{_maybe(r["analytic_flops_with_remat"], "e"):>11}'
+                 f'{_maybe(r["flops_over_analytic"]):>7}'
+                 f'{_maybe(r["flops_over_analytic_with_remat"]):>12}'
+                 f'{_maybe(r["compiler_seconds"]):>9}{r["compile_seconds"]:>10.0f}')
+  return '\n'.join(lines)
+
+
+def too_big(reports: list[dict]) -> str | None:
+  """The message for the programs that do not fit their chip or do not compile, or None."""
+  bad = [r for r in reports if not r['fits']]
+  return '\n'.join(r['error'] if 'error' in r else _not_fitting(r) for r in bad) or None
+
+
+def _not_fitting(report: dict) -> str:
+  return (f'{_title(report)} does not fit: it needs {_gib(report["peak_bytes"])} GiB '
+          f'({report["peak_bytes"]:,} bytes) of HBM per chip, the chip has '
+          f'{_gib(report["hbm_bytes"])} GiB ({report["hbm_bytes"]:,} bytes).')
+
+
+def _title(report: dict) -> str:
+  if report['program'] == 'train_step':
+    return f'stage {report["stage"]}: the train step'
+  return f'generation: the {report["program"]} program'
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  try:
+    topology = parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+    results = check(config, topology, _STAGES.value, _GENERATION.value,
+                    int(_HBM_GIB.value * 2**30) or None, _FLOPS.value)
+  except (CheckFailed, ValueError) as e:  # ConfigError is a ValueError
+    sys.exit(str(e))
+  reports = [r for _, r in results]
+  header = (f'{config.model.llm.num_layers}-layer LLM, fusion {config.model.fusion}, remat '
+            f'{config.model.remat} on {topology.name} x {topology.num_slices} slice(s) = '
+            f'{topology.num_chips} chips, mesh {reports[0].get("mesh")}, global batch '
+            f'{reports[0].get("global_batch")}; GiB per chip')
+  print(header)
+  print(format_table(reports))
+  if _GENERATION.value:
+    print('Generation programs are compiled for one chip (generation runs single-device).')
+  if _JSON.value:
+    with open(_JSON.value, 'w', encoding='utf-8') as f:
+      json.dump(reports, f, indent=2)
+  message = too_big(reports)
+  if message:
+    sys.exit(message)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,120 @@
+"""The ahead-of-time TPU compile check (lavi_jax.compile): libtpu compiles the tiny config's train
+step for a 4-chip v5e slice; the report's memory is the compiler's, its FLOPs cover the whole
+step, and a program that does not fit exits with status 1 naming it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lavi_jax import compile as compile_lib
+from lavi_jax.config import ConfigError
+from tests.helpers import tiny_config
+
+TOPOLOGY = 'v5e:2x2'
+# Quick to compile: one ViT layer runs, and the 4 LLM layers are scanned, so the whole step's
+# FLOPs come from unrolled compiles at 1 and 2 layers (viln.every=1: a period of one layer).
+OVERRIDES = {'scan_layers': True, 'remat': 'full', 'vision.num_layers': 2}
+CLI = [sys.executable, '-m', 'lavi_jax.compile', '--config=configs/tiny.py',
+       f'--topology={TOPOLOGY}', '--config.model.scan_layers=True',
+       '--config.model.vision.num_layers=2']
+MEMORY_FIELDS = {'argument_bytes': 'argument_size_in_bytes', 'output_bytes': 'output_size_in_bytes',
+                 'alias_bytes': 'alias_size_in_bytes', 'temp_bytes': 'temp_size_in_bytes',
+                 'generated_code_bytes': 'generated_code_size_in_bytes'}
+FIELDS = {'program', 'stage', 'topology', 'num_slices', 'chips', 'mesh', 'global_batch',
+          'text_len', 'peak_bytes', 'hbm_bytes', 'fits', 'flops_per_chip_as_compiled',
+          'compiler_seconds_as_compiled', 'flops_per_chip', 'compiler_seconds', 'flops_method',
+          'flops', 'analytic_flops', 'analytic_flops_with_remat', 'remat', 'flops_over_analytic',
+          'flops_over_analytic_with_remat', 'compile_seconds', *MEMORY_FIELDS}
+
+
+@pytest.fixture(scope='module')
+def checked():
+  [(compiled, report)] = compile_lib.check(tiny_config(**OVERRIDES),
+                                           compile_lib.parse_topology(TOPOLOGY))
+  return compiled, report
+
+
+@pytest.mark.parametrize('name,topology,chips,hbm_gib', [
+    ('v5p-64', 'v5p:2x4x4', 32, 95), ('v4-32', 'v4:2x2x4', 16, 32), ('v4-8', 'v4:2x2x1', 4, 32),
+    ('v5p-1024', 'v5p:8x8x8', 512, 95), ('v5e-256', 'v5e:16x16', 256, 16),
+    ('v5litepod-256', 'v5e:16x16', 256, 16), ('v5e-8', 'v5e:2x4', 8, 16),
+    ('v6e-64', 'v6e:8x8', 64, 32), ('v6e:4x4', 'v6e:4x4', 16, 32), ('v4:2x2x4', 'v4:2x2x4', 16, 32),
+])
+def test_topology_names(name, topology, chips, hbm_gib):
+  parsed = compile_lib.parse_topology(name)
+  assert (parsed.name, parsed.num_chips, parsed.hbm_bytes) == (topology, chips, hbm_gib * 2**30)
+  assert compile_lib.parse_topology(name, num_slices=2).num_chips == 2 * chips
+
+
+@pytest.mark.parametrize('name,chips', [('v4-32', 16), ('v5p-16', 8), ('v5e-8', 8), ('v6e-4', 4)])
+def test_one_device_per_chip(name, chips):
+  devices = compile_lib.topology_devices(compile_lib.parse_topology(name, num_slices=2))
+  assert len(devices) == 2 * chips
+  assert sorted({d.slice_index for d in devices}) == [0, 1]
+
+
+@pytest.mark.parametrize('name', ['v5p-63', 'v5e-96', 'v7-8', 'v5p:2x4', 'v5e:4x4x4'])
+def test_bad_topology_names(name):
+  with pytest.raises(ValueError, match='--topology'):
+    compile_lib.parse_topology(name)
+
+
+def test_report_memory_is_the_compilers(checked):
+  compiled, report = checked
+  assert FIELDS <= set(report)
+  assert all(report[k] is not None for k in FIELDS), report
+  assert (report['chips'], report['mesh'], report['global_batch']) == (
+      4, {'data': 1, 'fsdp': 4, 'tensor': 1}, 16)
+  memory = compiled.memory_analysis()
+  for field, attribute in MEMORY_FIELDS.items():
+    assert report[field] == getattr(memory, attribute), field
+  assert report['alias_bytes'] > 0  # the state is donated
+  assert report['peak_bytes'] == (
+      memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes +
+      memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+  assert report['hbm_bytes'] == 16 * 2**30 and report['fits']
+
+
+def test_flops_cover_every_scanned_layer(checked):
+  _, report = checked
+  # The scanned layer is counted once as compiled; the whole step has all four.
+  assert report['flops_per_chip'] > 1.3 * report['flops_per_chip_as_compiled']
+  assert report['flops'] == pytest.approx(4 * report['flops_per_chip'])
+  assert report['analytic_flops_with_remat'] > report['analytic_flops']
+  assert 0.9 < report['flops_over_analytic_with_remat'] < 1.2, report
+
+
+def test_config_errors_name_the_key():
+  config = tiny_config()
+  config.data.batch_size = 6
+  with pytest.raises(ConfigError, match='data.batch_size'):
+    compile_lib.check(config, compile_lib.parse_topology(TOPOLOGY))
+  with pytest.raises(ConfigError, match='num_slices'):
+    compile_lib.check(tiny_config(), compile_lib.parse_topology(TOPOLOGY, num_slices=2))
+
+
+def test_a_program_too_big_for_the_chip_exits_1(tmp_path):
+  out = tmp_path / 'report.json'
+  result = subprocess.run(CLI + ['--hbm_gib=0.01', '--noflops', '--generation', f'--json={out}'],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'stage train: the train step does not fit: it needs' in result.stderr
+  assert 'generation: the prefill program does not fit' in result.stderr
+  assert 'generation: the decode program does not fit' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert result.stdout.count('  NO') == 3  # the table has the verdicts too
+  reports = json.loads(out.read_text())
+  assert [r['program'] for r in reports] == ['train_step', 'prefill', 'decode']
+  assert not any(r['fits'] for r in reports)
+  assert all(r['hbm_bytes'] == int(0.01 * 2**30) for r in reports)
+
+
+def test_a_compile_that_runs_out_of_hbm_exits_1():
+  result = subprocess.run(CLI + ['--noflops', '--config.data.batch_size=1048576'],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'stage train: the train step does not fit in HBM: RESOURCE_EXHAUSTED' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert 'does not compile (see below)' in result.stdout  # the table still comes
