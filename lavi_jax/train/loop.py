@@ -178,7 +178,7 @@ class Trainer:
                                                       self.param_shardings)
           self.optimizer_stage = stage
         step = self._run_stage(stage, step, stop, progress, peak)
-      if stop.requested:
+      if stop.requested and self.checkpointer.latest_step() != step:  # not saved in the loop
         self._save(step, force=True)
       self.checkpointer.wait()
     finally:
