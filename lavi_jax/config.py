@@ -16,6 +16,7 @@ import ml_collections
 CONDITIONERS = ('attention', 'mlp', 'conv')
 SUBLAYERS = ('attn', 'mlp', 'final')
 FUSIONS = ('viln', 'concat')
+ATTENTION_BACKENDS = ('auto', 'xla', 'blockwise', 'splash', 'cudnn')  # models/attention.py
 LLM_ARCHS = ('qwen2', 'llama')
 GATES = ('none', 'tanh')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'qkv_proj')
@@ -36,6 +37,10 @@ def base_model_config() -> ml_collections.ConfigDict:
       param_dtype='float32',
       scan_layers=True,  # nn.scan over LLM layers (param axis 'layers')
       remat='full',  # one of REMAT_POLICIES, applied per scanned block
+      # Attention backend (models/attention.py): auto (TPU splash, GPU cudnn, else xla), xla,
+      # blockwise, splash or cudnn; masks a kernel cannot express fall back to blockwise.
+      attention='auto',
+      attention_block=512,  # keys per block of the blockwise backend
       llm=dict(
           arch='qwen2',
           vocab_size=151936,
@@ -273,6 +278,9 @@ def validate_model(model: ml_collections.ConfigDict):
          f'{model.param_dtype!r} is not one of {DTYPES}')
   _check(model.remat in REMAT_POLICIES, 'model.remat',
          f'{model.remat!r} is not one of {REMAT_POLICIES}')
+  _check(model.attention in ATTENTION_BACKENDS, 'model.attention',
+         f'{model.attention!r} is not one of {ATTENTION_BACKENDS}')
+  _check(model.attention_block > 0, 'model.attention_block', 'must be positive')
   for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
               'num_kv_heads'):
     _check(llm[key] > 0, f'model.llm.{key}', f'must be positive, got {llm[key]}')

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lavi_jax.models.llm import LLM, causal_mask
+from lavi_jax.models.attention import Mask
+from lavi_jax.models.llm import LLM
 from lavi_jax.models.projector import FrameIndexEmbedding, Projector
 from lavi_jax.models.visual import Pool, VisualInput, VisualTokens, pool_from_padded, table_layout
 from lavi_jax.models.vit import ViT
@@ -147,13 +148,14 @@ class LaVi(nn.Module):
     if self.cfg.fusion == 'concat' and visual is not None:
       embeds, valid, out_pos = self.concat_inputs(input_ids, text_mask, visual)
       positions = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
-      hidden = self.llm.hidden_states(embeds, positions, causal_mask(valid))
+      hidden = self.llm.hidden_states(embeds, positions, Mask.causal_padded(valid))
       return jnp.take_along_axis(hidden, out_pos[:, :, None], axis=1)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     cond = None
     if self.cfg.fusion == 'viln':
       cond = self.conditioning(visual, count_items_so_far(input_ids, self.cfg))
-    return self.llm.hidden_states(self.llm.embed(input_ids), positions, causal_mask(text_mask),
+    return self.llm.hidden_states(self.llm.embed(input_ids), positions,
+                                  Mask.causal_padded(text_mask),
                                   cond)
 
   def logits(self, hidden: jax.Array) -> jax.Array:

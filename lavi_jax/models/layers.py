@@ -1,4 +1,5 @@
-"""Building blocks shared by the models: logically partitioned dense layers and norms.
+"""Building blocks shared by the models: logically partitioned dense layers and norms
+(attention: models/attention.py).
 
 Shapes: B batch, T length, D width.
 """
@@ -88,28 +89,6 @@ class LayerNorm(nn.Module):
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
     return (y * scale + bias).astype(self.dtype)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Scaled dot-product attention with grouped key/value heads; softmax in float32.
-
-  q: (B, T, H, Dh); k, v: (B, S, K, Dh) with H % K == 0; mask: bool, broadcastable to
-  (B, T, S), True where attending is allowed. Rows with nothing allowed give zeros.
-  Returns (B, T, H, Dh).
-  """
-  b, t, h, dh = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
-  scores = scores * (dh ** -0.5)
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  if mask is not None:
-    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs.astype(v.dtype), v)
-  return out.reshape(b, t, h, dh)
 
 
 REMAT_POLICIES = {

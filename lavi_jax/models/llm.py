@@ -26,7 +26,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lavi_jax import config as lavi_config
-from lavi_jax.models.layers import Dense, attention, constrain, dtype_of, partitioned, remat
+from lavi_jax.models.attention import Mask, attention
+from lavi_jax.models.layers import Dense, constrain, dtype_of, partitioned, remat
 from lavi_jax.models.viln import Conditioning, ViLN
 
 
@@ -85,7 +86,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-  """GQA self-attention with RoPE. x (B, T, D), positions (B, T), mask (B, T, S).
+  """GQA self-attention with RoPE. x (B, T, D), positions (B, T), mask: a `Mask` or (B, T, S).
 
   Without a cache, S = T. With a `KVCache`, the T tokens' keys and values are first stored as
   layer `layer`'s and then attended to with the rest of its S slots. Returns (out (B, T, D), the
@@ -113,7 +114,7 @@ class Attention(nn.Module):
       cache = cache.store(layer, k, v)
       k, v = (constrain(c[layer], ('batch', 'length', 'kv_heads', 'head_dim'))
               for c in (cache.k, cache.v))
-    out = constrain(attention(q, k, v, mask), ('batch', 'length', 'heads', 'head_dim'))
+    out = constrain(attention(q, k, v, mask, self.config.attention, self.config.attention_block), ('batch', 'length', 'heads', 'head_dim'))
     return Dense(cfg.hidden_size, ('heads', 'head_dim', 'embed'), use_bias=False,
                  in_axes_count=2, name='o_proj', **kw)(out), cache
 

@@ -25,23 +25,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lavi_jax.models.layers import (Dense, LayerNorm, attention, constrain, dtype_of, partitioned,
-                                    rms_normalize)
+from lavi_jax.models.attention import Mask, attention
+from lavi_jax.models.layers import Dense, LayerNorm, constrain, dtype_of, partitioned, rms_normalize
 from lavi_jax.models.visual import VisualTokens
 
 # {'mask', 'item' (B,N); 'k','v' (G,B,N,Hc,Dc) | 'tokens' (B,N,C) (mlp) | 'mixed' (G,B,N,C)}
 VisualMemory = dict[str, Any]
-# {'allowed' (B,T,N), 'has_visual' (B,T); 'k','v' (G,B,N,Hc,Dc) | 'summary' (G,B,T,C)}
+# {'mask' (attention.Mask, T x N), 'has_visual' (B,T); 'k','v' (G,B,N,Hc,Dc) | 'summary' (G,B,T,C)}
 Conditioning = dict[str, Any]
-
-
-def allowed_mask(token_items: jax.Array, visual_mask: jax.Array, visual_item: jax.Array):
-  """(B, T, N) bool: text token t may see visual token n.
-
-  token_items: (B, T) number of visual items whose placeholder is at or before t;
-  visual_mask, visual_item: (B, N) validity and item index of each visual token.
-  """
-  return visual_mask[:, None, :] & (visual_item[:, None, :] < token_items[:, :, None])
 
 
 def masked_mean(allowed: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -124,12 +115,13 @@ class ViLNContext(nn.Module):
 
 def token_conditioning(memory: VisualMemory, token_items: jax.Array) -> Conditioning:
   """The conditioning of text tokens that have seen `token_items` (B, T) visual items each."""
-  allowed = constrain(allowed_mask(token_items, memory['mask'], memory['item']),
-                      ('batch', 'length', 'vis_tokens'))
-  out = {'allowed': allowed, 'has_visual': allowed.any(-1)}
+  mask = Mask.item_prefix(token_items, memory['mask'], memory['item'])
+  out = {'mask': mask, 'has_visual': mask.any_allowed()}
   if 'k' in memory:
     out['k'], out['v'] = memory['k'], memory['v']
-  elif 'mixed' in memory:
+    return out
+  allowed = constrain(mask.dense(), ('batch', 'length', 'vis_tokens'))
+  if 'mixed' in memory:
     out['summary'] = jax.vmap(masked_mean, in_axes=(None, 0))(allowed, memory['mixed'])
   else:
     out['summary'] = masked_mean(allowed, memory['tokens'])[None]  # (1, B, T, C)
@@ -152,7 +144,7 @@ class Conditioner(nn.Module):
       q = Dense((cfg.heads, cfg.head_dim), ('embed', 'cond_heads', 'cond_dim'), use_bias=False,
                 name='q_proj', **kw)(x)
       k, v = (jnp.take(cond[name], group, axis=0) for name in ('k', 'v'))
-      a = attention(q, k, v, cond['allowed'])
+      a = attention(q, k, v, cond['mask'], self.config.attention, self.config.attention_block)
       delta = Dense((2, d), ('cond_heads', 'cond_dim', None, 'embed'), in_axes_count=2,
                     zero_init=zero_last, name='o_proj', **kw)(a)
     else:

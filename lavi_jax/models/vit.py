@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lavi_jax.models.layers import (Dense, LayerNorm, attention, constrain, dtype_of, partitioned,
-                                   remat)
+from lavi_jax.models.attention import attention
+from lavi_jax.models.layers import Dense, LayerNorm, constrain, dtype_of, partitioned, remat
 
 
 def resolve_feature_layers(vision: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -32,7 +32,7 @@ class SiglipAttention(nn.Module):
     kw = dict(dtype=x.dtype, param_dtype=dtype_of(self.config.param_dtype))
     q, k, v = (Dense((heads, head_dim), ('vis_embed', 'vis_heads', 'head_dim'), name=n, **kw)(x)
                for n in ('q_proj', 'k_proj', 'v_proj'))
-    out = attention(q, k, v, mask=None)
+    out = attention(q, k, v, None, self.config.attention, self.config.attention_block)
     return Dense(cfg.hidden_size, ('vis_heads', 'head_dim', 'vis_embed'), in_axes_count=2,
                  name='out_proj', **kw)(out)
 
