@@ -13,8 +13,8 @@ from lavi_jax.config import ConfigError
 from tests.helpers import tiny_config
 
 TOPOLOGY = 'v5e:2x2'
-# Quick to compile: one ViT layer runs, and the 4 LLM layers are scanned, so the whole step's
-# FLOPs come from unrolled compiles at 1 and 2 layers (viln.every=1: a period of one layer).
+# Quick to compile: one ViT layer runs; the 4 LLM layers are scanned (cost_analysis counts the
+# scan body once; the report counts every layer from the optimised program).
 OVERRIDES = {'scan_layers': True, 'remat': 'full', 'vision.num_layers': 2}
 CLI = [sys.executable, '-m', 'lavi_jax.compile', '--config=configs/tiny.py',
        f'--topology={TOPOLOGY}', '--config.model.scan_layers=True',
@@ -24,7 +24,7 @@ MEMORY_FIELDS = {'argument_bytes': 'argument_size_in_bytes', 'output_bytes': 'ou
                  'generated_code_bytes': 'generated_code_size_in_bytes'}
 FIELDS = {'program', 'stage', 'topology', 'num_slices', 'chips', 'mesh', 'global_batch',
           'text_len', 'peak_bytes', 'hbm_bytes', 'fits', 'flops_per_chip_as_compiled',
-          'compiler_seconds_as_compiled', 'flops_per_chip', 'compiler_seconds', 'flops_method',
+          'compiler_seconds_as_compiled', 'flops_per_chip', 'kernel_calls_not_counted', 'attention',
           'flops', 'analytic_flops', 'analytic_flops_with_remat', 'remat', 'flops_over_analytic',
           'flops_over_analytic_with_remat', 'compile_seconds', *MEMORY_FIELDS}
 
@@ -83,7 +83,7 @@ def test_flops_cover_every_scanned_layer(checked):
   assert report['flops_per_chip'] > 1.3 * report['flops_per_chip_as_compiled']
   assert report['flops'] == pytest.approx(4 * report['flops_per_chip'])
   assert report['analytic_flops_with_remat'] > report['analytic_flops']
-  assert 0.9 < report['flops_over_analytic_with_remat'] < 1.2, report
+  assert 0.95 < report['flops_over_analytic_with_remat'] < 1.05, report
 
 
 def test_config_errors_name_the_key():
@@ -97,7 +97,7 @@ def test_config_errors_name_the_key():
 
 def test_a_program_too_big_for_the_chip_exits_1(tmp_path):
   out = tmp_path / 'report.json'
-  result = subprocess.run(CLI + ['--hbm_gib=0.01', '--noflops', '--generation', f'--json={out}'],
+  result = subprocess.run(CLI + ['--hbm_gib=0.01', '--generation', f'--json={out}'],
                           capture_output=True, text=True, check=False)
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'stage train: the train step does not fit: it needs' in result.stderr
@@ -112,9 +112,24 @@ def test_a_program_too_big_for_the_chip_exits_1(tmp_path):
 
 
 def test_a_compile_that_runs_out_of_hbm_exits_1():
-  result = subprocess.run(CLI + ['--noflops', '--config.data.batch_size=1048576'],
+  result = subprocess.run(CLI + ['--config.data.batch_size=1048576'],
                           capture_output=True, text=True, check=False)
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'stage train: the train step does not fit in HBM: RESOURCE_EXHAUSTED' in result.stderr
   assert 'Traceback' not in result.stderr
   assert 'does not compile (see below)' in result.stdout  # the table still comes
+
+
+def test_auto_attention_compiles_splash_kernels_for_tpu(checked):
+  _, report = checked  # attention='auto', compiled for TPU: splash for the LLM and the ViT
+  assert report['attention'] == 'auto' and report['kernel_calls_not_counted'] > 0
+
+
+@pytest.mark.parametrize('attention', ['splash', 'xla'])
+def test_concat_lowers_for_tpu_with_each_backend(attention):
+  config = tiny_config(fusion='concat', attention=attention, **{'vision.num_layers': 1})
+  [(_, report)] = compile_lib.check(config, compile_lib.parse_topology(TOPOLOGY))
+  assert report['fits']
+  assert (report['kernel_calls_not_counted'] > 0) == (attention == 'splash')
+  if attention == 'xla':  # every matmul counted
+    assert 0.95 < report['flops_over_analytic'] < 1.05, report
