@@ -13,7 +13,7 @@ Backends (`model.attention`):
   shard under `shard_map`; on other platforms in Pallas interpret mode (tests). Masks without
   items only (causal or not, segment ids); item-prefix masks fall back to `blockwise`.
 - `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')` on GPU: full or causal masks
-  with right padding (key lengths) only; other masks fall back to `blockwise`.
+  with right padding (key lengths) only, 16-bit inputs; otherwise `blockwise`.
 - `auto`: by the platform the program is compiled for (the mesh's devices, else the default
   backend): TPU `splash`, GPU `cudnn`, otherwise `xla`.
 
@@ -148,6 +148,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | jax.Array |
     return _xla(q, k, v, dense)
   b, t, _, _ = q.shape
   mask = Mask.full(b, t, k.shape[1]) if mask is None else mask
+  if backend == 'cudnn' and q.dtype not in (jnp.bfloat16, jnp.float16):
+    backend = 'blockwise'  # cuDNN's fused attention takes 16-bit inputs only
   if backend == 'blockwise':
     return _blockwise(q, k, v, mask, block)
   if backend == 'splash':
