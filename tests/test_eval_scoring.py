@@ -1,20 +1,22 @@
 """Benchmark scoring on crafted predictions, against scores worked out by hand."""
 
+import argparse
 import json
 
 import pytest
 from etils import epath
 
 from lavi_jax.data.errors import DataError
+from lavi_jax.eval import __main__ as cli
 from lavi_jax.eval import runner, scoring, tasks
 from lavi_jax.eval.vqa_normalize import normalize_answer, textvqa_accuracy, vqav2_accuracy
 
 
 def run(task, docs_and_responses):
-  """Per-sample process, then each metric's aggregation (as the runner does)."""
+  """Per-sample scores, then each metric's aggregation (as the runner does)."""
   per_metric = {m: [] for m in task.metrics}
   for doc, response in docs_and_responses:
-    for metric, value in task.process(doc, response).items():
+    for metric, value in runner.score(task, doc, response)[1].items():
       per_metric[metric].append(value)
   return {m: agg(per_metric[m]) for m, agg in task.metrics.items() if per_metric[m]}
 
@@ -81,6 +83,28 @@ def test_mmbench_circular_groups_and_rule_based_extraction():
   assert tasks.MMBENCH.prompt(dict(docs[0][0], hint='Look.')) == (
       "Look. Which animal? There are several options:\nA. cat\nB. dog\nC. bird\nD. fish\n\n"
       "Answer with the option's letter from the given choices directly.")
+
+
+def test_reasoning_blocks_are_removed_before_scoring():
+  tags = scoring.REASONING_TAGS
+  assert scoring.strip_reasoning_tags('<think>A?</think> B <analysis>C</analysis>', tags) == 'B'
+  assert scoring.strip_reasoning_tags('prefilled start tag</think> B', tags) == 'B'
+  assert scoring.strip_reasoning_tags('<think>unclosed B', tags) == '<think>unclosed B'
+  assert scoring.strip_reasoning_tags('<THINK>B</THINK>', tags) == '<THINK>B</THINK>'  # case
+  doc = dict(question='q', answer='Yes', question_id='1')
+  assert runner.score(tasks.TASKS['pope'], doc, '<think>no</think>Yes') == \
+      ('Yes', {m: dict(question_id='1', score=1.0, prediction='yes', ground_truth='yes')
+               for m in tasks.POPE_METRICS})
+  assert runner.score(tasks.TASKS['pope'], doc, '<think>no</think>Yes', None)[0] == \
+      '<think>no</think>Yes'
+  # the command line: lmms-eval's default, 'none', or other pairs
+  assert cli.reasoning_tags('[["<think>", "</think>"], ["<analysis>", "</analysis>"]]') == \
+      [list(pair) for pair in tags]
+  assert cli.reasoning_tags('none') is None
+  assert cli.reasoning_tags('[["<r>", "</r>"]]') == [['<r>', '</r>']]
+  for bad in ('<think>', '[["<think>"]]', '[["", "</think>"]]'):
+    with pytest.raises(argparse.ArgumentTypeError):
+      cli.reasoning_tags(bad)
 
 
 def test_vqa_normalisation():

@@ -17,8 +17,23 @@ from typing import Sequence
 from etils import epath
 
 from lavi_jax.data.errors import DataError
-from lavi_jax.eval import runner, tasks
+from lavi_jax.eval import runner, scoring, tasks
 from lavi_jax.inference.generator import Generator
+
+
+def reasoning_tags(value: str) -> list[list[str]] | None:
+  """--reasoning-tags: 'none' or a JSON list of [start, end] pairs."""
+  if value == 'none':
+    return None
+  try:
+    pairs = json.loads(value)
+  except json.JSONDecodeError as e:
+    raise argparse.ArgumentTypeError(f'not JSON: {e}') from e
+  if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
+                                          all(isinstance(t, str) and t for t in p)
+                                          for p in pairs)):
+    raise argparse.ArgumentTypeError('expected a list of [start, end] string pairs')
+  return pairs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--tokenizer', help='tokenizer.json / .model / folder (default: the '
                       'training run\'s, else the one in the checkpoint folder)')
   parser.add_argument('--chat-template', help='chatml or vicuna_v1')
+  parser.add_argument('--reasoning-tags', '--reasoning_tags', type=reasoning_tags,
+                      default=json.dumps(scoring.REASONING_TAGS),
+                      help='JSON list of [start, end] tag pairs whose blocks are removed from '
+                      'answers before scoring, or "none" to score answers as they are '
+                      '(lmms-eval\'s --reasoning_tags; default: %(default)s)')
   args = parser.parse_args(argv)
   try:
     selected = tasks.resolve(args.tasks)
@@ -54,14 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     with (output_dir / 'samples.jsonl').open('w') as samples:
       outputs = runner.evaluate(generator, selected, args.data_dir, args.limit,
-                                args.max_new_tokens, samples)
+                                args.max_new_tokens, samples, args.reasoning_tags)
   except (DataError, FileNotFoundError) as e:
     print(f'error: {e} (answers so far: {output_dir}/samples.jsonl)', file=sys.stderr)
     return 1
   config = dict(model='lavi_jax', model_args=f'checkpoint={args.checkpoint}',
                 batch_size=args.batch_size, limit=args.limit or None,
                 max_new_tokens=args.max_new_tokens or None,
-                num_frames=generator.spec.num_frames, chat_template=generator.template.name)
+                num_frames=generator.spec.num_frames, chat_template=generator.template.name,
+                reasoning_tags=args.reasoning_tags)
   results = runner.write_results(output_dir, outputs, config)
   print(json.dumps(results['results'], indent=2))
   print(f'Wrote {output_dir}/results.json and samples.jsonl')

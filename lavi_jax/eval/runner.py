@@ -3,9 +3,10 @@
 - `results.json`: {'results': {task: {'alias', 'METRIC,none', 'METRIC_stderr,none'}},
   'configs', 'versions', 'n-shot', 'higher_is_better', 'n-samples', 'config', 'date'}.
 - `samples.jsonl` (lmms-eval: `{task}.jsonl` per task; here one file, each line naming its
-  `task`): doc_id, doc (without images), target, arguments, resps, filtered_resps (the
-  answer stripped of surrounding whitespace, as lmms-eval's models return it), and the
-  per-sample values of each metric; written batch by batch, so an error keeps what is done.
+  `task`): doc_id, doc (without images), target, arguments, resps (the answer stripped of
+  surrounding whitespace, as lmms-eval's models return it), filtered_resps (the answer scored:
+  without reasoning blocks, as lmms-eval's command line scores by default), and the per-sample
+  values of each metric; written batch by batch, so an error keeps what is done.
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import dataclasses
 import datetime
 import json
 import time
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 from absl import logging
 from etils import epath
 
 from lavi_jax.data.errors import DataError
 from lavi_jax.eval import datasets
+from lavi_jax.eval.scoring import REASONING_TAGS, strip_reasoning_tags
 from lavi_jax.eval.tasks import Task
 from lavi_jax.inference.generator import Generator
 from lavi_jax.inference.requests import Request
 from lavi_jax.inference.sampling import SamplingParams
+
+ReasoningTags = Sequence[Sequence[str]] | None
 
 
 @dataclasses.dataclass
@@ -65,13 +69,24 @@ def _read(task: Task, path: epath.Path, limit: int) -> tuple[list[dict[str, Any]
   return docs[:kept], total
 
 
+def score(task: Task, doc: dict[str, Any], text: str,
+          reasoning_tags: ReasoningTags = REASONING_TAGS) -> tuple[str, dict[str, Any]]:
+  """The answer scored (the text without reasoning blocks, unless `reasoning_tags` is None)
+  and the task's per-sample values for it."""
+  answer = text if reasoning_tags is None else strip_reasoning_tags(text, reasoning_tags)
+  return answer, task.process(doc, answer)
+
+
 def run_task(generator: Generator, task: Task, data_dir: str | epath.PathLike, limit: int = 0,
-             max_new_tokens: int = 0, samples_file: TextIO | None = None) -> TaskOutput:
+             max_new_tokens: int = 0, samples_file: TextIO | None = None,
+             reasoning_tags: ReasoningTags = REASONING_TAGS) -> TaskOutput:
   """Answers a task's records greedily, `generator.batch_size` at a time, and scores them.
 
   max_new_tokens: > 0 caps the task's generation limit (for quick runs). samples_file: gets
-  each sample (a JSON line) as its batch completes. Raises DataError naming the data file,
-  record and field when a record cannot be used.
+  each sample (a JSON line) as its batch completes. reasoning_tags: [start, end] tag pairs
+  whose blocks are removed from answers before scoring (lmms-eval's --reasoning_tags); None
+  scores answers as they are. Raises DataError naming the data file, record and field when a
+  record cannot be used.
   """
   start = time.perf_counter()
   path = datasets.find_data_file(data_dir, task.data)
@@ -94,13 +109,13 @@ def run_task(generator: Generator, task: Task, data_dir: str | epath.PathLike, l
         raise DataError(result.error)
       text = result.text.strip()  # as lmms-eval's model wrappers
       with _naming(path, i):
-        scores = task.process(docs[i], text)
+        answer, scores = score(task, docs[i], text, reasoning_tags)
         target = task.target(docs[i])
       for metric, value in scores.items():
         per_metric[metric].append(value)
       sample = dict(doc_id=i, doc=_json_doc(docs[i]), target=target,
                     arguments={'gen_args_0': {'arg_0': request.prompt, 'arg_1': generation}},
-                    resps=[[text]], filtered_resps=[text], **scores)
+                    resps=[[text]], filtered_resps=[answer], **scores)
       samples.append(sample)
       if samples_file is not None:
         samples_file.write(json.dumps(dict(task=task.name, **sample), default=str) + '\n')
@@ -129,12 +144,13 @@ class _naming:
 
 
 def evaluate(generator: Generator, tasks: Iterable[Task], data_dir: str | epath.PathLike,
-             limit: int = 0, max_new_tokens: int = 0,
-             samples_file: TextIO | None = None) -> list[TaskOutput]:
+             limit: int = 0, max_new_tokens: int = 0, samples_file: TextIO | None = None,
+             reasoning_tags: ReasoningTags = REASONING_TAGS) -> list[TaskOutput]:
   """Runs the tasks in turn (see `run_task`)."""
   outputs = []
   for task in tasks:
-    output = run_task(generator, task, data_dir, limit, max_new_tokens, samples_file)
+    output = run_task(generator, task, data_dir, limit, max_new_tokens, samples_file,
+                      reasoning_tags)
     logging.info('%s: %s (%d samples, %.0f s)', task.name, output.metrics,
                  len(output.samples), output.seconds)
     outputs.append(output)

@@ -15,6 +15,26 @@ from typing import Any, Sequence
 from lavi_jax.data.errors import DataError
 from lavi_jax.eval.vqa_normalize import process_punctuation
 
+# lmms-eval's command line default (--reasoning_tags): blocks removed from answers before scoring.
+REASONING_TAGS = (('<think>', '</think>'), ('<analysis>', '</analysis>'))
+
+
+def strip_reasoning_tags(text: str, tag_pairs: Sequence[Sequence[str]]) -> str:
+  """lmms-eval's `strip_reasoning_tags`: removes each start...end block (tags case-sensitive;
+  an unclosed start tag stays), keeps what follows the last end tag when no start tag is left
+  (a prompt that pre-filled the start tag), and strips surrounding whitespace."""
+  for start_tag, end_tag in tag_pairs:
+    while start_tag in text and end_tag in text:
+      start = text.find(start_tag)
+      end = text.find(end_tag, start)
+      if end == -1:
+        break
+      text = text[:start] + text[end + len(end_tag):]
+    if end_tag in text and start_tag not in text:
+      text = text.rsplit(end_tag, 1)[-1]
+  return text.strip()
+
+
 # MME (lmms_eval/tasks/mme/utils.py): the categories summed into each score.
 MME_PERCEPTION = ('existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene',
                   'landmark', 'artwork', 'OCR')
