@@ -1,4 +1,5 @@
-"""Benchmark scoring on crafted predictions, against scores worked out by hand."""
+"""Benchmark scoring on crafted predictions, against scores worked out by hand (equality with
+lmms-eval's own code: test_eval_lmms_parity.py)."""
 
 import argparse
 import json
@@ -31,12 +32,12 @@ def test_mme_scores_image_pairs_with_acc_plus():
                                                              'Yes'),
       # count: one image, neither right ('maybe' is other) -> 0
       (doc('c1.png', 'count', 'Yes'), 'maybe'), (doc('c1.png', 'count', 'No'), 'y'),
-      # code_reasoning (cognition): both right -> 200
-      (doc('k1.png', 'code_reasoning', 'No'), 'No'), (doc('k1.png', 'code_reasoning', 'Yes'),
-                                                      'Y'),
+      # code_reasoning (cognition): both right (the reasoning block is not scored) -> 200
+      (doc('k1.png', 'code_reasoning', 'No'), '<think>Yes? No.</think> No'),
+      (doc('k1.png', 'code_reasoning', 'Yes'), 'Y'),
   ])
   # perception = existence (200 + 50) / 2 + count 0 = 125
-  assert scores == {'mme_percetion_score': 125.0, 'mme_cognition_score': 200.0}
+  assert scores == {'mme_perception_score': 125.0, 'mme_cognition_score': 200.0}
   assert tasks.MME.prompt(doc('x', 'count', 'Yes')) == \
       'Is it?\nAnswer the question using a single word or phrase.'
   with pytest.raises(DataError, match="image 'c1.png'"):
@@ -60,7 +61,8 @@ def test_pope_matches_exactly():
 
 
 def test_mmbench_circular_groups_and_rule_based_extraction():
-  base = dict(question='Which animal?', hint=None, category='c1', **{'L2-category': 'l2'})
+  base = dict(question='Which animal?', hint=None, category='c1', source='s', split='dev',
+              **{'L2-category': 'l2'})
   options = dict(A='cat', B='dog', C='bird', D='fish')
   shifted = dict(A='dog', B='bird', C='fish', D='cat')
   docs = [
@@ -70,16 +72,26 @@ def test_mmbench_circular_groups_and_rule_based_extraction():
       (dict(base, index=1_000_002, answer='A', **shifted), 'a dog'),  # text -> A: right
       (dict(base, index=2_000_002, answer='D', **shifted), 'C'),  # one shift wrong
       (dict(base, index=3, answer='C', category='c2', **options), 'I think it is a bird'),
+      # no option D: kept as 'nan', which 'banana' holds, so the text is ambiguous and the
+      # fallback finds no capital letter
+      (dict(base, index=4, answer='C', A='cat', B='dog', C='bird'),
+       'It is a bird, not a banana'),
+      (dict(base, index=2_000_005, answer='A', **options), 'A'),  # a shift without question
   ]
-  # groups: 1 all right; 2 has a wrong shift; 3 'bird' (text only, 'A' is an article) right
-  assert run(tasks.MMBENCH, docs) == {'mmbench_circular': pytest.approx(200 / 3)}
-  samples = [tasks.MMBENCH.process(d, r)['mmbench_circular'] for d, r in docs]
-  assert [s['extracted'] for s in samples] == ['A', 'D', 'B', 'A', 'C', 'C']
-  assert samples[0]['L2-category'] == 'l2'
+  # questions: 1 all right; 2 has a wrong shift; 3 'bird' (text only, 'A' is an article)
+  # right; 4 wrong
+  assert run(tasks.MMBENCH, docs) == {'gpt_eval_score': 50.0}
+  samples = [tasks.MMBENCH.process(d, r)['gpt_eval_score'] for d, r in docs]
+  assert [scoring.mmbench_answer(s) for s in samples] == ['A', 'D', 'B', 'A', 'C', 'C', '', 'A']
+  assert samples[0]['L2-category'] == 'l2' and samples[6]['D'] == 'nan'
+  assert scoring.mmbench_options(samples[6]) == dict(A='cat', B='dog', C='bird', D='nan')
+  assert scoring.mmbench_options(dict(samples[0], C=None, D=float('nan'))) == \
+      dict(A='cat', B='dog')
   lowercase = dict(docs[0][0], **{'l2-category': 'x'})
   del lowercase['L2-category']
-  assert tasks.MMBENCH.process(lowercase, 'A')['mmbench_circular']['L2-category'] == 'x'
-  assert scoring.mmbench_extract('cat or dog', options) is None
+  assert tasks.MMBENCH.process(lowercase, 'A')['gpt_eval_score']['L2-category'] == 'x'
+  # neither rule decides; the fallback takes a letter at the end
+  assert scoring.mmbench_answer(dict(samples[0], prediction='cat or dog? D')) == 'D'
   assert tasks.MMBENCH.prompt(dict(docs[0][0], hint='Look.')) == (
       "Look. Which animal? There are several options:\nA. cat\nB. dog\nC. bird\nD. fish\n\n"
       "Answer with the option's letter from the given choices directly.")
@@ -113,6 +125,8 @@ def test_vqa_normalisation():
   assert normalize_answer('dont know') == "don't know"
   assert normalize_answer('1,000') == '1000'
   assert normalize_answer('red-white') == 'red white'
+  # the reference drops at most 32 periods (it passes re.UNICODE as the count)
+  assert normalize_answer('.' * 34 + 'x') == '..x'
 
 
 def test_vqa_accuracy_over_ten_answers():
@@ -120,16 +134,19 @@ def test_vqa_accuracy_over_ten_answers():
   # textvqa normalises every answer: '2' x4, '3' x6. Predicting 'two': leaving out one of the
   # four '2's leaves 3 matches (1.0); leaving out a '3' leaves 4 (1.0) -> 1.0.
   assert textvqa_accuracy('Two', answers) == 1.0
-  # vqav2: the humans disagree, so their answers get digits too: same 4 x '2' -> 1.0
-  assert vqav2_accuracy('Two', answers) == 1.0
+  # vqav2: the answers get digits too: same 4 x '2' -> 1.0
+  records = lambda answers: [dict(answer=a, answer_id=i) for i, a in enumerate(answers)]
+  assert vqav2_accuracy('Two', records(answers)) == 1.0
   two = ['yes', 'yes'] + ['no'] * 8
   # 'yes': leaving out a 'yes' leaves 1 match (1/3), leaving out a 'no' leaves 2 (2/3):
   # (2 * 1/3 + 8 * 2/3) / 10 = 0.6
   assert textvqa_accuracy('Yes', two) == pytest.approx(0.6)
-  assert vqav2_accuracy('yes.', two) == pytest.approx(0.6)
-  # all humans agree: vqav2 compares the raw (cleaned) answer with the normalised prediction
-  assert vqav2_accuracy('a dog', ['dog'] * 10) == 1.0
-  assert vqav2_accuracy('the Dog', ['the dog'] * 10) == 0.0
+  assert vqav2_accuracy('yes.', records(two)) == pytest.approx(0.6)
+  # vqav2 drops punctuation, digits and articles of every answer, agreeing or not
+  assert vqav2_accuracy('the Dog', records(['dog'] * 10)) == 1.0
+  # an answer leaves with every record equal to its own: without answer ids, leaving out a
+  # 'yes' leaves no 'yes' (0), leaving out a 'no' leaves both (2/3): 8 * 2/3 / 10
+  assert vqav2_accuracy('yes', [dict(answer=a) for a in two]) == pytest.approx(1.6 / 3)
   scores = run(tasks.VQAV2, [(dict(question='How many?', question_id=1,
                                    answers=[dict(answer=a, answer_id=i)
                                             for i, a in enumerate(two)]), 'no')])
@@ -143,21 +160,28 @@ def test_short_answer_and_choice_tasks():
   assert tasks.SCIENCEQA.prompt(sqa) == (
       "Which?\nA. x\nB. y\nC. z\nAnswer with the option's letter from the given choices "
       'directly.')
-  assert run(tasks.SCIENCEQA, [(sqa, 'C'), (sqa, 'C. z'), (sqa, 'c'), (sqa, 'The answer is C')]) \
-      == {'exact_match': 0.5}
+  # 'c' is right (case ignored), 'c. z' is not (the 'X.' form needs a capital)
+  assert run(tasks.SCIENCEQA, [(sqa, 'C'), (sqa, 'C. z'), (sqa, 'c'), (sqa, 'c. z'),
+                               (sqa, 'The answer is C')]) == {'exact_match': 0.6}
   seed = lambda kind, answer: dict(question='q', choice_a='a', choice_b='b', choice_c='c',
                                    choice_d='d', answer=answer, data_type=kind, question_id=0)
-  # SEED-Bench takes the first character: 'Because' answers B
-  assert run(tasks.SEEDBENCH, [(seed('image', 'A'), 'A'), (seed('image', 'C'), 'Because'),
+  # SEED-Bench takes the first character: 'Because' answers B; case is ignored
+  assert run(tasks.SEEDBENCH, [(seed('image', 'A'), 'a'), (seed('image', 'C'), 'Because'),
                                (seed('video', 'C'), ' C.')]) == \
       {'seed_image': 0.5, 'seed_video': 1.0, 'seed_all': pytest.approx(2 / 3)}
   mme = dict(question='q', options=['A. x', 'B. y', 'C. z', 'D. w'], question_id='1',
              videoID='v', duration='short', domain='d', sub_category='s', task_type='t')
-  assert run(tasks.VIDEOMME, [(dict(mme, answer='B'), 'The best answer is B'),
-                              (dict(mme, answer='A'), 'I am not sure about this one at all, '
-                                                      'it could be anything really'),
-                              (dict(mme, answer='C'), 'D'), (dict(mme, answer='D'), 'D.')]) == \
-      {'videomme_perception_score': 50.0}
+  assert tasks.VIDEOMME.prompt(dict(mme, answer='B')).endswith(
+      "D. w\n\nAnswer with the option's letter from the given choices directly.")
+  scores = [(dict(mme, answer='B'), 'The best answer is B'),
+            (dict(mme, answer='A'), 'I am not sure about this one at all, it could be anything'),
+            (dict(mme, answer='C'), 'D'), (dict(mme, answer='D'), 'Both (A) and (D).'),
+            (dict(mme, answer='d'), 'D')]
+  # right: B, D ('(D)' is the last of the best form); 'D' for 'd' scores 1 per sample, but the
+  # aggregate compares case-sensitively
+  assert [runner.score(tasks.VIDEOMME, d, r)[1]['videomme_perception_score']['score']
+          for d, r in scores] == [1.0, 0.0, 0.0, 1.0, 1.0]
+  assert run(tasks.VIDEOMME, scores) == {'videomme_perception_score': 40.0}
 
 
 def test_mvbench_letters_and_answered_samples():
@@ -169,7 +193,7 @@ def test_mvbench_letters_and_answered_samples():
   assert run(task, [(doc, '(B) 2'), (doc, 'B. two'), (doc, 'A'), (doc, '.'), (doc, '')]) == \
       {'mvbench_accuracy': pytest.approx(200 / 4)}
   assert task.process(doc, '.')['mvbench_accuracy'] == {'pred_answer': '.', 'gt_answer': 'B',
-                                                        'score': 0.0}
+                                                        'score': 0}
   with pytest.raises(DataError, match='not one of the candidates'):
     task.target(dict(doc, answer='4'))
 

@@ -1,4 +1,4 @@
-"""Evaluates a LaVi checkpoint on benchmarks, with lmms-eval's prompts and scoring.
+"""Evaluates a LaVi checkpoint on benchmarks, with lmms-eval 0.7.3's prompts and scoring.
 
     python -m lavi_jax.eval --checkpoint DIR --tasks pope,mme,mmbench_en_dev --data-dir DATA
 

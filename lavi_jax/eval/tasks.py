@@ -1,17 +1,19 @@
-"""The benchmark tasks: prompts, visual inputs, generation limits and scoring as lmms-eval's task
-definitions (lmms_eval/tasks/<task>/*.yaml and utils.py) have them; task names are lmms-eval's.
-MVBench's prompts follow lmms-eval's mvbench/*.yaml at commits fd7e12a7 and eaefe801.
+"""The benchmark tasks: prompts, visual inputs, generation limits and scoring as lmms-eval 0.7.3's
+task definitions (lmms_eval/tasks/<task>/*.yaml and utils.py) have them; task and metric names
+are lmms-eval's, per-sample values and aggregates equal theirs.
 
 Deviations from lmms-eval:
-- MMBench: lmms-eval's `gpt_eval_score` asks a GPT judge when the rule-based extraction fails;
-  here `mmbench_circular` counts such answers as wrong (CircularEval otherwise the same).
+- MMBench: `mmbench_en_dev` scores as lmms-eval's `mmbench_en_dev_static` does (rule-based:
+  MMBench's `can_infer`, then `mcq_extract`); lmms-eval's `mmbench_en_dev` asks a GPT judge
+  where the rules of `can_infer` find no answer. Both name the metric `gpt_eval_score`.
 - SEED-Bench: a video question's frames go in as one video (sampled to the run's frame count);
   lmms-eval passes them as separate images.
+- The `submission` outputs of MMBench and TextVQA (files for the benchmarks' servers) are not
+  written.
 
 A task turns each record (`doc`) of its data file into a prompt with images or a video, scores
 the greedy answer per sample (`process`: metric -> per-sample value) and aggregates per metric.
-Two helpers build the simpler tasks: `short_answer` (a mean of per-sample scores) and `choice`
-(multiple choice answered by letter).
+`short_answer` builds the tasks scored by a mean of per-sample scores.
 """
 
 from __future__ import annotations
@@ -72,22 +74,6 @@ def short_answer(name: str, data: str, prompt: Callable[[Doc], str],
               {'exact_match': scoring.mean}, 'exact_match', max_new_tokens)
 
 
-def choice(name: str, data: str, prompt: Callable[[Doc], str], answer: Callable[[Doc], str],
-           extract: Callable[[str], str], metric: str, max_new_tokens: int,
-           visual: Visual = image, aggregate: Callable[[list], float] = scoring.mean_score,
-           details: Callable[[Doc], dict[str, Any]] = lambda doc: {}) -> Task:
-  """A multiple-choice task answered by letter: the extracted letter against `answer(doc)`;
-  per sample {'pred_answer', 'answer', 'score', **details(doc)} under `metric`."""
-
-  def process(doc: Doc, response: str) -> dict[str, Any]:
-    pred, gold = extract(response), answer(doc)
-    return {metric: dict(details(doc), pred_answer=pred, answer=gold,
-                         score=float(pred.lower() == gold.lower()))}
-
-  return Task(name, data, prompt, visual, answer, process, {metric: aggregate}, metric,
-              max_new_tokens)
-
-
 # Yes/no tasks ------------------------------------------------------------------------------
 
 def _mme_prompt(doc: Doc) -> str:
@@ -96,15 +82,15 @@ def _mme_prompt(doc: Doc) -> str:
 
 def _mme_process(doc: Doc, response: str) -> dict[str, Any]:
   gold = doc['answer'].lower().strip().replace('.', '')
-  key = ('mme_percetion_score' if doc['category'] in scoring.MME_PERCEPTION
-         else 'mme_cognition_score')  # lmms-eval's metric names, typo included
+  key = ('mme_perception_score' if doc['category'] in scoring.MME_PERCEPTION
+         else 'mme_cognition_score')
   return {key: {'question_id': doc['question_id'], 'category': doc['category'],
                 'score': float(scoring.mme_parse(response) == gold)}}
 
 
 MME = Task('mme', 'mme/test', _mme_prompt, image, lambda doc: doc['answer'], _mme_process,
-           {'mme_percetion_score': scoring.mme_score, 'mme_cognition_score': scoring.mme_score},
-           'mme_percetion_score', max_new_tokens=16, group=lambda doc: doc['question_id'])
+           {'mme_perception_score': scoring.mme_score, 'mme_cognition_score': scoring.mme_score},
+           'mme_perception_score', max_new_tokens=16, group=lambda doc: doc['question_id'])
 
 
 def _pope_process(doc: Doc, response: str) -> dict[str, Any]:
@@ -130,7 +116,7 @@ def pope(name: str, split: str) -> Task:
 # MMBench (dev, CircularEval with rule-based answer extraction) ------------------------------
 
 def _mmbench_options(doc: Doc) -> dict[str, str]:
-  """The present options A-E (lmms-eval drops empty, None and 'nan' ones)."""
+  """The options A-E shown in the prompt (lmms-eval drops empty, None and 'nan' ones)."""
   return {c: doc[c] for c in 'ABCDE'
           if doc.get(c) is not None and doc[c] == doc[c] and doc[c] and doc[c] != 'nan'}
 
@@ -146,25 +132,26 @@ def _mmbench_prompt(doc: Doc) -> str:
 
 
 def _mmbench_process(doc: Doc, response: str) -> dict[str, Any]:
-  options = {k: v for k, v in _mmbench_options(doc).items() if k in 'ABCD'}
+  """lmms-eval's record: the doc's fields, the response, and options A-E with 'nan' for a
+  missing one (it then takes part in the answer matching: `scoring.mmbench_options`)."""
   # The dataset's field is 'L2-category'; some exports lower-case it.
   l2 = doc['L2-category'] if 'L2-category' in doc else doc['l2-category']
-  return {'mmbench_circular': {
-      'index': int(doc['index']), 'answer': doc['answer'], 'prediction': response,
-      'extracted': scoring.mmbench_extract(response, options) or '',
-      'category': doc['category'], 'L2-category': l2}}
+  record = {'index': doc['index'], 'question': doc['question'], 'answer': doc['answer'],
+            'prediction': response.strip(), 'hint': doc['hint'], 'source': doc['source'],
+            'split': doc['split'], 'category': doc['category'], 'L2-category': l2}
+  return {'gpt_eval_score': dict(record, **{c: doc.get(c, 'nan') for c in 'ABCDE'})}
 
 
 MMBENCH = Task('mmbench_en_dev', 'mmbench/dev', _mmbench_prompt, image,
                lambda doc: doc['answer'], _mmbench_process,
-               {'mmbench_circular': scoring.mmbench_circular}, 'mmbench_circular',
+               {'gpt_eval_score': scoring.mmbench_circular}, 'gpt_eval_score',
                max_new_tokens=1024)
 
 
 # Short answers ----------------------------------------------------------------------------
 
 GQA = short_answer('gqa', 'gqa/testdev', lambda doc: doc['question'] + SHORT_ANSWER,
-                   lambda r, doc: scoring.exact_match(r, doc['answer']),
+                   lambda r, doc: scoring.exact_match(r.strip(), doc['answer']),
                    lambda doc: doc['answer'], max_new_tokens=16)
 
 TEXTVQA = short_answer('textvqa_val', 'textvqa/validation',
@@ -173,14 +160,10 @@ TEXTVQA = short_answer('textvqa_val', 'textvqa/validation',
                        lambda doc: doc['answers'], max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
 
 
-def _vqa_answers(doc: Doc) -> list[str]:
-  """VQAv2 answers: [{'answer', 'answer_confidence', 'answer_id'}, ...] (or plain strings)."""
-  return [a['answer'] if isinstance(a, dict) else a for a in doc['answers']]
-
-
+# VQAv2's answers: [{'answer', 'answer_confidence', 'answer_id'}, ...].
 VQAV2 = short_answer('vqav2_val', 'vqav2/validation', lambda doc: doc['question'] + SHORT_ANSWER,
-                     lambda r, doc: vqav2_accuracy(r, _vqa_answers(doc)), _vqa_answers,
-                     max_new_tokens=16)
+                     lambda r, doc: vqav2_accuracy(r, doc['answers']),
+                     lambda doc: [a['answer'] for a in doc['answers']], max_new_tokens=16)
 
 
 def _sqa_prompt(doc: Doc) -> str:
@@ -221,21 +204,19 @@ def _seed_visual(doc: Doc, root: epath.Path):
 def _seed_process(doc: Doc, response: str) -> dict[str, Any]:
   sample = {'pred': scoring.seed_letter(response), 'answer': doc['answer'],
             'question_id': doc['question_id']}
-  score = dict(sample, score=float(sample['pred'] == sample['answer']))
-  return {f'seed_{doc["data_type"]}': score, 'seed_all': score}
+  return {f'seed_{doc["data_type"]}': sample, 'seed_all': sample}
 
 
 SEEDBENCH = Task('seedbench', 'seedbench/test', _seed_prompt, _seed_visual,
                  lambda doc: doc['answer'], _seed_process,
-                 {m: scoring.mean_score for m in ('seed_image', 'seed_video', 'seed_all')},
+                 {m: scoring.seed_accuracy for m in ('seed_image', 'seed_video', 'seed_all')},
                  'seed_all')
 
 
 def _videomme_prompt(doc: Doc) -> str:
   return ('Select the best answer to the following multiple-choice question based on the video '
           'and the subtitles. Respond with only the letter (A, B, C, or D) of the correct '
-          'option.\n' + doc['question'] + '\n' + '\n'.join(doc['options']) +
-          '\n\nAnswer the question with A, B, C, or D.')
+          'option.\n' + doc['question'] + '\n' + '\n'.join(doc['options']) + '\n\n' + LETTER)
 
 
 def _videomme_visual(doc: Doc, root: epath.Path):
@@ -247,11 +228,19 @@ def _videomme_visual(doc: Doc, root: epath.Path):
   return (), str(root / 'data' / (doc['videoID'] + '.mp4'))  # reported missing on load
 
 
-VIDEOMME = choice('videomme', 'videomme/test', _videomme_prompt, lambda doc: doc['answer'],
-                  scoring.videomme_extract, 'videomme_perception_score', max_new_tokens=16,
-                  visual=_videomme_visual, aggregate=lambda r: 100 * scoring.mean_score(r),
-                  details=lambda doc: {k: doc[k] for k in ('question_id', 'videoID', 'duration',
-                                                           'domain', 'sub_category', 'task_type')})
+def _videomme_process(doc: Doc, response: str) -> dict[str, Any]:
+  pred, gold = scoring.mcq_extract(response, 'ABCD'), doc['answer']
+  return {'videomme_perception_score': {
+      'question_id': doc['question_id'], 'duration': doc['duration'], 'category': doc['domain'],
+      'sub_category': doc['sub_category'], 'task_category': doc['task_type'],
+      'pred_answer': pred, 'answer': gold, 'score': float(pred.lower() == gold.lower()),
+      'videoID': doc['videoID']}}
+
+
+VIDEOMME = Task('videomme', 'videomme/test', _videomme_prompt, _videomme_visual,
+                lambda doc: doc['answer'], _videomme_process,
+                {'videomme_perception_score': scoring.videomme_accuracy},
+                'videomme_perception_score', max_new_tokens=16)
 
 # MVBench sub-task -> its videos' folder under mvbench/video/ (lmms-eval's DATA_LIST).
 MVBENCH_VIDEOS = {
@@ -285,8 +274,8 @@ def _mvbench_answer(doc: Doc) -> str:
 def _mvbench_process(doc: Doc, response: str) -> dict[str, Any]:
   """lmms-eval keeps the response itself as `pred_answer` (an empty one is unanswered)."""
   gold = _mvbench_answer(doc)
-  return {'mvbench_accuracy': {'pred_answer': response, 'gt_answer': gold,
-                               'score': float(scoring.mvbench_normalize(response) == gold)}}
+  score = scoring.mvbench_normalize(response) == scoring.mvbench_normalize(gold)
+  return {'mvbench_accuracy': {'pred_answer': response, 'gt_answer': gold, 'score': int(score)}}
 
 
 def mvbench(sub_task: str) -> Task:

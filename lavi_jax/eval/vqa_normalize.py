@@ -1,9 +1,9 @@
 """VQA answer normalisation and accuracy, as the official VQA evaluation (EvalAI) computes them.
 
 Ported from the VQA evaluation code (github.com/GT-Vision-Lab/VQA, vqaEval.py) in the form
-lmms-eval uses (lmms_eval/tasks/_task_utils/vqa_eval_metric.py, itself from
-facebookresearch/mmf pythia/tasks/processors.py `EvalAIAnswerProcessor`), so that scores compare
-with theirs: contractions restored, number words to digits, articles and punctuation dropped.
+lmms-eval 0.7.3 uses (lmms_eval/tasks/_task_utils/vqa_eval_metric.py, itself from
+facebookresearch/mmf pythia/tasks/processors.py `EvalAIAnswerProcessor`), so that scores equal
+theirs: contractions restored, number words to digits, articles and punctuation dropped.
 
 Accuracy of an answer against the (usually 10) human answers: for each human answer left out
 in turn, min(#other humans that gave the answer / 3, 1); the mean over the 10 subsets.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from typing import Sequence
+from typing import Any, Sequence
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -54,23 +54,26 @@ NUMBERS = {'none': '0', 'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four
            'five': '5', 'six': '6', 'seven': '7', 'eight': '8', 'nine': '9', 'ten': '10'}
 ARTICLES = ('a', 'an', 'the')
 # Kept as in the reference, including its "(?!<=" (a typo there for "(?<!"), which never
-# matches, so every period not followed by a digit is dropped.
+# matches, so every period not followed by a digit is dropped; at most 32 of them, since the
+# reference passes re.UNICODE (32) where `sub` takes its count.
 PERIOD_STRIP = re.compile(r'(?!<=\d)(\.)(?!\d)')
+PERIOD_STRIP_COUNT = int(re.UNICODE)
 COMMA_STRIP = re.compile(r'(?<=\d)(\,)+(?=\d)')
+MVBENCH_COMMA_STRIP = re.compile(r'(\d)(\,)(\d)')  # MVBench's copy (mvbench/utils.py)
 PUNCTUATION = (';', r'/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<',
                '@', '`', ',', '?', '!')
 
 
-def process_punctuation(text: str) -> str:
+def process_punctuation(text: str, comma_strip: re.Pattern = COMMA_STRIP) -> str:
   """Drops punctuation next to a space (or all of it when the text has a digit,digit comma),
   replaces other punctuation by a space, and drops periods not followed by a digit."""
   out = text
   for p in PUNCTUATION:
-    if p + ' ' in text or ' ' + p in text or COMMA_STRIP.search(text) is not None:
+    if p + ' ' in text or ' ' + p in text or comma_strip.search(text) is not None:
       out = out.replace(p, '')
     else:
       out = out.replace(p, ' ')
-  return PERIOD_STRIP.sub('', out)
+  return PERIOD_STRIP.sub('', out, count=PERIOD_STRIP_COUNT)
 
 
 def process_digit_article(text: str) -> str:
@@ -87,27 +90,26 @@ def normalize_answer(answer: str) -> str:
   return process_digit_article(process_punctuation(answer))
 
 
-def _leave_one_out(prediction: str, answers: Sequence[str]) -> float:
-  """Mean over the answers left out in turn of min(#others equal to prediction / 3, 1)."""
-  scores = []
-  for i in range(len(answers)):
-    matches = sum(a == prediction for j, a in enumerate(answers) if j != i)
-    scores.append(min(1.0, matches / 3))
-  return statistics.mean(scores)
+def _leave_one_out(prediction: str, answers: Sequence[str], keys: Sequence[Any]) -> float:
+  """Mean over the answers of min(#matches among the others / 3, 1), where an answer's others
+  are those whose key differs from its key."""
+  return statistics.mean(
+      min(1, sum(a == prediction for a, k in zip(answers, keys) if k != key) / 3) for key in keys)
 
 
 def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-  """TextVQA (lmms-eval textvqa_process_results): prediction and answers fully normalised."""
-  return _leave_one_out(normalize_answer(prediction), [normalize_answer(a) for a in answers])
+  """TextVQA (lmms-eval textvqa_process_results): prediction and answers fully normalised; each
+  answer left out by its position."""
+  answers = [normalize_answer(a) for a in answers]
+  return _leave_one_out(normalize_answer(prediction), answers, range(len(answers)))
 
 
-def vqav2_accuracy(prediction: str, answers: Sequence[str]) -> float:
-  """VQAv2 (lmms-eval vqav2_process_results): the prediction fully normalised; the human
-  answers only whitespace-cleaned, and both further normalised (punctuation, digits, articles)
-  when the humans disagree."""
-  prediction = normalize_answer(prediction)
-  answers = [a.replace('\n', ' ').replace('\t', ' ').strip() for a in answers]
-  if len(set(answers)) > 1:
-    answers = [process_digit_article(process_punctuation(a)) for a in answers]
-    prediction = process_digit_article(process_punctuation(prediction))
-  return _leave_one_out(prediction, answers)
+def vqav2_accuracy(prediction: str, answers: Sequence[dict[str, Any]]) -> float:
+  """VQAv2 (lmms-eval vqav2_process_results): the prediction and the answer records' `answer`
+  whitespace-cleaned, then punctuation, digits and articles processed (not the full
+  normalisation: no dropping of ',' and '?' first); an answer is left out with every record
+  equal to its (processed) record, as the reference compares whole records."""
+  clean = lambda a: process_digit_article(process_punctuation(
+      a.replace('\n', ' ').replace('\t', ' ').strip()))
+  records = [dict(r, answer=clean(r['answer'])) for r in answers]
+  return _leave_one_out(clean(prediction), [r['answer'] for r in records], records)
