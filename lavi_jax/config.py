@@ -173,6 +173,9 @@ def base_config() -> ml_collections.ConfigDict:
           batch_size=8,  # requests decoded together
           max_len=2048,  # cache slots per request: prompt and answer together
           max_new_tokens=0,  # cap on the tasks' generation limits (0: theirs)
+          # blocks removed from answers before scoring: 'default' (lmms-eval's <think> and
+          # <analysis>), 'none', or a JSON list of [start, end] tag pairs
+          reasoning_tags='default',
       ),
       init_from='',  # a convert.from_hf output directory to start from
       seed=0,

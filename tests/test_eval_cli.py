@@ -100,10 +100,10 @@ def test_eval_cli_writes_results_and_samples(files, capsys):
   results = json.loads((out / 'results.json').read_text())
   assert set(results) >= {'results', 'configs', 'versions', 'n-samples', 'config', 'date'}
   expected = {
-      'mme': ['mme_percetion_score', 'mme_cognition_score'],
+      'mme': ['mme_perception_score', 'mme_cognition_score'],
       'pope_random': ['pope_accuracy', 'pope_precision', 'pope_recall', 'pope_f1_score',
                       'pope_yes_ratio'],
-      'mmbench_en_dev': ['mmbench_circular'], 'textvqa_val': ['exact_match'],
+      'mmbench_en_dev': ['gpt_eval_score'], 'textvqa_val': ['exact_match'],
       'mvbench_action_count': ['mvbench_accuracy'],
       'seedbench': ['seed_image', 'seed_video', 'seed_all'],
   }
@@ -172,4 +172,4 @@ def test_benchmarks_during_training(files, tmp_path):
   last = read_metrics(str(tmp_path / 'run'))[-1]
   assert last['step'] == 2 and last['eval/errors'] == 1 and 'loss' in last
   assert set(k for k in last if k.startswith('eval/')) == {'eval/errors',
-                                                           'eval/mme/mme_percetion_score'}
+                                                           'eval/mme/mme_perception_score'}

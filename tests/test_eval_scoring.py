@@ -113,6 +113,7 @@ def test_reasoning_blocks_are_removed_before_scoring():
   assert cli.reasoning_tags('[["<think>", "</think>"], ["<analysis>", "</analysis>"]]') == \
       [list(pair) for pair in tags]
   assert cli.reasoning_tags('none') is None
+  assert cli.reasoning_tags('default') == [['<think>', '</think>'], ['<analysis>', '</analysis>']]
   assert cli.reasoning_tags('[["<r>", "</r>"]]') == [['<r>', '</r>']]
   for bad in ('<think>', '[["<think>"]]', '[["", "</think>"]]'):
     with pytest.raises(argparse.ArgumentTypeError):

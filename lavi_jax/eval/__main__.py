@@ -22,18 +22,11 @@ from lavi_jax.inference.generator import Generator
 
 
 def reasoning_tags(value: str) -> list[list[str]] | None:
-  """--reasoning-tags: 'none' or a JSON list of [start, end] pairs."""
-  if value == 'none':
-    return None
+  """--reasoning-tags: see `scoring.parse_reasoning_tags`."""
   try:
-    pairs = json.loads(value)
-  except json.JSONDecodeError as e:
-    raise argparse.ArgumentTypeError(f'not JSON: {e}') from e
-  if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
-                                          all(isinstance(t, str) and t for t in p)
-                                          for p in pairs)):
-    raise argparse.ArgumentTypeError('expected a list of [start, end] string pairs')
-  return pairs
+    return scoring.parse_reasoning_tags(value)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,10 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'training run\'s, else the one in the checkpoint folder)')
   parser.add_argument('--chat-template', help='chatml or vicuna_v1')
   parser.add_argument('--reasoning-tags', '--reasoning_tags', type=reasoning_tags,
-                      default=json.dumps(scoring.REASONING_TAGS),
+                      default='default',
                       help='JSON list of [start, end] tag pairs whose blocks are removed from '
-                      'answers before scoring, or "none" to score answers as they are '
-                      '(lmms-eval\'s --reasoning_tags; default: %(default)s)')
+                      'answers before scoring, "none" to score answers as they are, or '
+                      f'"default": {json.dumps(scoring.REASONING_TAGS)} (lmms-eval\'s '
+                      '--reasoning_tags and its default)')
   args = parser.parse_args(argv)
   try:
     selected = tasks.resolve(args.tasks)

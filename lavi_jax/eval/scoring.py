@@ -7,6 +7,7 @@ values that the tasks' `process` functions return.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
@@ -20,6 +21,24 @@ from lavi_jax.eval.vqa_normalize import MVBENCH_COMMA_STRIP, process_punctuation
 
 # lmms-eval's command line default (--reasoning_tags): blocks removed from answers before scoring.
 REASONING_TAGS = (('<think>', '</think>'), ('<analysis>', '</analysis>'))
+
+
+def parse_reasoning_tags(value: str) -> list[list[str]] | None:
+  """'default' -> REASONING_TAGS, 'none' -> None (answers scored as they are), else a JSON list
+  of [start, end] tag pairs; raises ValueError naming what is wrong."""
+  if value == 'none':
+    return None
+  if value == 'default':
+    return [list(pair) for pair in REASONING_TAGS]
+  try:
+    pairs = json.loads(value)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'not JSON: {e}') from e
+  if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
+                                          all(isinstance(t, str) and t for t in p)
+                                          for p in pairs)):
+    raise ValueError('expected a list of [start, end] string pairs')
+  return pairs
 
 
 def strip_reasoning_tags(text: str, tag_pairs: Sequence[Sequence[str]]) -> str:

@@ -243,7 +243,7 @@ def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] |
   if jax.process_count() > 1:
     logging.warning('Benchmarks during training run single-process only; skipped.')
     return None
-  from lavi_jax.eval import datasets, runner, tasks  # pylint: disable=import-outside-toplevel
+  from lavi_jax.eval import datasets, runner, scoring, tasks  # pylint: disable=import-outside-toplevel
   from lavi_jax.inference.generator import Generator  # pylint: disable=import-outside-toplevel
   selected = tasks.resolve(config.eval.tasks)
   for task in selected:
@@ -251,6 +251,10 @@ def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] |
       datasets.find_data_file(config.eval.data_dir, task.data)
     except FileNotFoundError as e:
       raise FileNotFoundError(f'config.eval.tasks: task {task.name}: {e}') from e
+  try:
+    reasoning_tags = scoring.parse_reasoning_tags(config.eval.reasoning_tags)
+  except ValueError as e:
+    raise lavi_config.ConfigError(f'config.eval.reasoning_tags: {e}') from e
   tokenizer = pipeline.make_tokenizer(config.data)
 
   def run(params) -> dict[str, float]:
@@ -261,7 +265,7 @@ def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] |
     for task in selected:
       try:
         outputs += runner.evaluate(generator, [task], config.eval.data_dir, config.eval.limit,
-                                   config.eval.max_new_tokens)
+                                   config.eval.max_new_tokens, reasoning_tags=reasoning_tags)
       except (DataError, OSError) as e:
         logging.warning('Benchmark %s failed; training goes on: %s', task.name, e)
         errors += 1
