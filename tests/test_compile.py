@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from lavi_jax import compile as compile_lib
+from lavi_jax import config as lavi_config
 from lavi_jax.config import ConfigError
 from tests.helpers import tiny_config
 
@@ -133,3 +134,12 @@ def test_concat_lowers_for_tpu_with_each_backend(attention):
   assert (report['kernel_calls_not_counted'] > 0) == (attention == 'splash')
   if attention == 'xla':  # every matmul counted
     assert 0.95 < report['flops_over_analytic'] < 1.05, report
+
+
+def test_a_frozen_llm_is_counted_without_weight_gradients():
+  # Only the bridge trains (the align stage's parameters): the LLM's matmuls get activation
+  # gradients (for the conditioners inside it) but no weight gradients.
+  config = tiny_config()
+  config.train.stages.train.trainable = lavi_config.ALIGN_PARAMS
+  [(_, report)] = compile_lib.check(config, compile_lib.parse_topology(TOPOLOGY))
+  assert report['remat'] == 'none' and 0.95 < report['flops_over_analytic'] < 1.05, report

@@ -2,7 +2,8 @@
 
 Convention: a matmul of (m, k) by (k, n) is 2mkn FLOPs; causal self-attention counts half of
 the score and value products; the training step counts 3x the forward (forward, activation
-gradients, weight gradients) except for a frozen ViT, which runs forward only.
+gradients, weight gradients) except for a frozen ViT, which runs forward only, and a frozen LLM,
+which runs forward and activation gradients (its conditioners train inside it).
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ def forward_flops(model: ml_collections.ConfigDict, batch: int, text_len: int,
                       _decoder_flops(llm, text_len, batch))
 
 
-def train_step_flops(forward: ForwardFlops, vit_trained: bool) -> float:
-  """FLOPs of one training step given the forward FLOPs of its global batch."""
+def train_step_flops(forward: ForwardFlops, vit_trained: bool, llm_trained: bool = True) -> float:
+  """FLOPs of one training step given the forward FLOPs of its global batch: 3x the forward,
+  except that a frozen ViT runs forward only and a frozen LLM (its conditioners training) needs
+  activation gradients but no weight gradients: 2x."""
   vision = forward.vision * (3 if vit_trained else 1)
-  return vision + 3 * (forward.projector + forward.conditioners + forward.llm)
+  return vision + 3 * (forward.projector + forward.conditioners) + (
+      3 if llm_trained else 2) * forward.llm
 
 
 def recomputed_forward_flops(model: ml_collections.ConfigDict, vit_trained: bool,

@@ -102,12 +102,20 @@ def analytic_step_flops(config: ml_collections.ConfigDict, stage: opt_lib.Stage,
   """Analytic FLOPs of a train step of `stage` on a global batch (see `flops_dims`); `params`
   may be abstract."""
   forward = flops_lib.forward_flops(config.model, **flops_dims(batch, work))
-  return flops_lib.train_step_flops(forward, vit_trained(params, stage))
+  return flops_lib.train_step_flops(forward, vit_trained(params, stage),
+                                    llm_trained(params, stage))
 
 
 def vit_trained(params, stage: opt_lib.Stage) -> bool:
   """Whether `stage` trains any ViT parameter."""
   return any(k.startswith('vit/') for k in opt_lib.split(params, stage.config.trainable)[0])
+
+
+def llm_trained(params, stage: opt_lib.Stage) -> bool:
+  """Whether `stage` trains any of the LLM's own matrices (its conditioners aside)."""
+  return any(k.startswith('llm/') and '/conditioner/' not in k and k.endswith(('kernel',
+                                                                            'embedding'))
+             for k in opt_lib.split(params, stage.config.trainable)[0])
 
 
 def _initial_params(config: ml_collections.ConfigDict, param_shardings):
