@@ -90,7 +90,7 @@ def test_mask_dense_matches_the_definition():
     for i in range(t):
       for j in range(s):
         assert dense[b, i, j] == (kv_valid[b, j] and kv_items[b, j] < q_items[b, i])
-  causal = np.asarray(Mask.causal_padded(jnp.asarray([[True] * 5 + [False] * 3])).dense())[0]
+  causal = np.asarray(Mask.causal_padded(np.array([[True] * 5 + [False] * 3])).dense())[0]
   expected = np.tril(np.ones((8, 8), bool)) & (np.arange(8) < 5)[None]
   np.testing.assert_array_equal(causal, expected)
   np.testing.assert_array_equal(np.asarray(mask.any_allowed(block=4)), dense.any(-1))

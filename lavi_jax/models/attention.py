@@ -58,7 +58,7 @@ class Mask:
   def causal_padded(cls, valid: jax.Array) -> 'Mask':
     """Causal self-attention over a right-padded sequence, valid (B, T) bool. Key 0 counts as
     valid, so that an all-padding row still attends somewhere (its outputs are never used)."""
-    valid = valid.at[:, 0].set(True)
+    valid = jnp.asarray(valid, bool).at[:, 0].set(True)
     return cls(q_segment=jnp.ones(valid.shape, jnp.int32), kv_segment=valid.astype(jnp.int32),
                kv_length=valid.sum(-1).astype(jnp.int32), causal=True)
 
