@@ -43,7 +43,7 @@ from lavi_jax import config as lavi_config
 from lavi_jax.inference import decode
 from lavi_jax.models import LaVi, abstract_params
 from lavi_jax.models.lavi import VisualTokens, count_items_so_far, pool_grid
-from lavi_jax.models.llm import causal_mask
+from lavi_jax.models.attention import Mask
 
 TEXT_TOKENS = 64
 SHORT_ANSWER = 16  # new tokens for the cache bytes
@@ -130,7 +130,7 @@ def forward_breakdown(model: ml_collections.ConfigDict, frames: int, video: bool
         b, t = ids.shape
         length = t + (0 if conditioned else visual_len)
         positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-        mask = causal_mask(jnp.ones((b, length), bool))
+        mask = Mask.causal_padded(jnp.ones((b, length), bool))
         if conditioned:
           visual = VisualTokens(tokens, jnp.arange(visual_len)[None],
                                 jnp.ones(tokens.shape[:2], bool),

@@ -30,8 +30,9 @@ import ml_collections
 import numpy as np
 
 from lavi_jax.inference import sampling
+from lavi_jax.models.attention import Mask
 from lavi_jax.models.lavi import LaVi, VisualInput, count_items_so_far, is_placeholder
-from lavi_jax.models.llm import KVCache, causal_mask
+from lavi_jax.models.llm import KVCache
 from lavi_jax.models.viln import VisualMemory, token_conditioning
 
 
@@ -82,7 +83,7 @@ def _prefill(m: LaVi, input_ids, text_mask, images, videos, new_tokens: int):
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, slots - length)])
   cache = KVCache.zeros(m.cfg, b, slots)
   positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-  hidden, cache = m.llm.hidden_states(embeds, positions, pad(causal_mask(valid)), cond, cache)
+  hidden, cache = m.llm.hidden_states(embeds, positions, pad(Mask.causal_padded(valid).dense()), cond, cache)
   logits = m.llm.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
   return logits, cache, pad(valid), last + 1, items, memory
 

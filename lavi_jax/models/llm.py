@@ -26,7 +26,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lavi_jax import config as lavi_config
-from lavi_jax.models.attention import Mask, attention
+from lavi_jax.models.attention import attention
 from lavi_jax.models.layers import Dense, constrain, dtype_of, partitioned, remat
 from lavi_jax.models.viln import Conditioning, ViLN
 
@@ -114,7 +114,8 @@ class Attention(nn.Module):
       cache = cache.store(layer, k, v)
       k, v = (constrain(c[layer], ('batch', 'length', 'kv_heads', 'head_dim'))
               for c in (cache.k, cache.v))
-    out = constrain(attention(q, k, v, mask, self.config.attention, self.config.attention_block), ('batch', 'length', 'heads', 'head_dim'))
+    out = attention(q, k, v, mask, self.config.attention, self.config.attention_block)
+    out = constrain(out, ('batch', 'length', 'heads', 'head_dim'))
     return Dense(cfg.hidden_size, ('heads', 'head_dim', 'embed'), use_bias=False,
                  in_axes_count=2, name='o_proj', **kw)(out), cache
 
@@ -239,9 +240,3 @@ class LLM(nn.Module):
   def __call__(self, input_ids, positions, mask, cond: Conditioning | None = None):
     """input_ids (B, T) -> logits (B, T, V)."""
     return self.logits(self.hidden_states(self.embed(input_ids), positions, mask, cond))
-
-
-def causal_mask(valid: jax.Array) -> jax.Array:
-  """valid (B, S) bool -> (B, S, S): causal, and keys must be valid."""
-  s = valid.shape[1]
-  return jnp.tril(jnp.ones((s, s), bool))[None] & valid[:, None, :]

@@ -116,11 +116,10 @@ class ViLNContext(nn.Module):
 def token_conditioning(memory: VisualMemory, token_items: jax.Array) -> Conditioning:
   """The conditioning of text tokens that have seen `token_items` (B, T) visual items each."""
   mask = Mask.item_prefix(token_items, memory['mask'], memory['item'])
-  out = {'mask': mask, 'has_visual': mask.any_allowed()}
-  if 'k' in memory:
-    out['k'], out['v'] = memory['k'], memory['v']
-    return out
+  if 'k' in memory:  # attention reads the mask itself: no (T, N) array
+    return {'mask': mask, 'has_visual': mask.any_allowed(), 'k': memory['k'], 'v': memory['v']}
   allowed = constrain(mask.dense(), ('batch', 'length', 'vis_tokens'))
+  out = {'mask': mask, 'has_visual': allowed.any(-1)}
   if 'mixed' in memory:
     out['summary'] = jax.vmap(masked_mean, in_axes=(None, 0))(allowed, memory['mixed'])
   else:
