@@ -7,11 +7,15 @@ DIR is a training workdir (its latest checkpoint, or --step) or a `convert.from_
 may be URLs (gs://...), as may the output folder. The folder gets `config.json`,
 `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards and
 `model.safetensors.index.json`) and, when there is a tokenizer (--tokenizer, else the run's, else
-one in a convert.from_hf folder), the tokenizer files and `generation_config.json`. Tensor names
-and transforms are `hf.export_tensor_map`'s: for fusion='viln' (`model_type: lavi`, read by
-`convert.torch_lavi`) the LLM as in Qwen2ForCausalLM / LlamaForCausalLM, the vision tower as
-SigLIP, the LLaVA projector, `frame_index.weight` and the conditioners under `conditioners.`;
-for fusion='concat' a LlavaForConditionalGeneration folder.
+one in a convert.from_hf folder), the tokenizer files (the chat template in
+tokenizer_config.json) and `generation_config.json`. Tensor names and transforms are
+`hf.export_tensor_map`'s: for fusion='viln' (`model_type: lavi`) the LLM as in
+Qwen2ForCausalLM / LlamaForCausalLM, the vision tower as SigLIP, the LLaVA projector,
+`frame_index.weight` and the conditioners under `conditioners.`; for fusion='concat' a
+LlavaForConditionalGeneration folder. A 'viln' folder also gets the model's own code
+(`hf_lavi/`: configuration_lavi.py, modeling_lavi.py, processing_lavi.py, registered with
+`auto_map`) and, with a tokenizer, preprocessor_config.json, so that transformers alone loads it
+(`AutoModelForCausalLM` / `AutoProcessor` with trust_remote_code=True).
 
 Streaming: each shard's header is computed up front from the shapes, then its tensors are
 converted and written one at a time. Tensors are ordered by the parameter they come from, so a
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import re
 import struct
 from typing import Any, Iterable, Sequence
@@ -43,8 +48,8 @@ from flax import traverse_util
 from lavi_jax import config as lavi_config
 from lavi_jax.convert import from_hf, hf
 from lavi_jax.data import chat
-from lavi_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from lavi_jax.inference.generator import default_chat_template, find_tokenizer
+from lavi_jax.data.tokenizer import PLACEHOLDERS, HFTokenizer, Tokenizer, load_tokenizer
+from lavi_jax.inference.generator import DEFAULT_NUM_FRAMES, default_chat_template, find_tokenizer
 from lavi_jax.models import abstract_params
 from lavi_jax.train import checkpoint as ckpt_lib
 
@@ -52,6 +57,13 @@ DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat
           'float16': np.dtype(np.float16)}
 _SAFETENSORS_CODES = {np.dtype(v): k for k, v in hf._SAFETENSORS_DTYPES.items()}
 READ_BYTES = 2 ** 29  # parameters restored together (512 MiB in their stored dtype)
+# The remote code of a fusion='viln' export (no JAX, no lavi_jax), copied next to the weights.
+HF_CODE = pathlib.Path(__file__).parent / 'hf_lavi'
+HF_CODE_FILES = ('configuration_lavi.py', 'modeling_lavi.py', 'processing_lavi.py')
+AUTO_MAP = {'AutoConfig': 'configuration_lavi.LaViConfig',
+            'AutoModelForCausalLM': 'modeling_lavi.LaViForConditionalGeneration',
+            'AutoModelForImageTextToText': 'modeling_lavi.LaViForConditionalGeneration',
+            'AutoProcessor': 'processing_lavi.LaViProcessor'}
 Path = tuple[str, ...]
 
 
@@ -235,13 +247,45 @@ def export_config(model: ml_collections.ConfigDict, dtype: np.dtype,
                 projector_hidden_act='gelu', multimodal_projector_bias=True,
                 image_seq_length=side * side, **common)
   return dict(model_type=lavi_config.EXPORT_MODEL_TYPES['viln'],
-              architectures=['LaViForConditionalGeneration'],
+              architectures=['LaViForConditionalGeneration'], auto_map=AUTO_MAP,
               image_token_id=model.image_token_id, video_token_id=model.video_token_id,
               **common)
 
 
-def write_tokenizer(out: epath.Path, tokenizer: Tokenizer):
-  """tokenizer.json (placeholders included) or tokenizer.model, and tokenizer_config.json."""
+def chat_template_jinja(template: chat.ChatTemplate) -> str:
+  """`template` as a Jinja chat template (tokenizer_config.json): 'user' / 'assistant' messages,
+  each content a string or a list of parts ({'type': 'image' | 'video' | 'text'}) written one per
+  line, placeholders as `<image>` / `<video>` (as inference.requests.with_placeholders), the
+  turns as `chat.render` writes them; add_generation_prompt ends where the answer starts."""
+  user_before, user_after = template.user.split('{}')
+  answer_before, answer_after = template.answer.split('{}')
+  literal = json.dumps  # a Jinja string literal
+  return (
+      ('{%- if bos_token -%}{{- bos_token -}}{%- endif -%}' if template.bos else '') +
+      f'{{{{- {literal(template.system)} -}}}}'
+      '{%- for message in messages -%}'
+      "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+      '{%- else -%}{%- set parts = namespace(texts=[]) -%}'
+      "{%- for part in message['content'] -%}"
+      "{%- if part['type'] == 'text' -%}{%- set parts.texts = parts.texts + [part['text']] -%}"
+      "{%- elif part['type'] in ('image', 'video') -%}"
+      "{%- set parts.texts = parts.texts + ['<' + part['type'] + '>'] -%}"
+      '{%- endif -%}{%- endfor -%}'
+      "{%- set text = parts.texts | join('\\n') -%}{%- endif -%}"
+      "{%- if message['role'] == 'user' -%}"
+      f'{{{{- {literal(user_before)} + text + {literal(user_after)} -}}}}'
+      "{%- elif message['role'] == 'assistant' -%}"
+      f'{{{{- {literal(template.assistant + answer_before)} + text + '
+      f'{literal(answer_after + template.turn_end)} -}}}}'
+      "{%- else -%}{{- raise_exception('only user and assistant messages: got ' + "
+      "message['role']) -}}{%- endif -%}"
+      '{%- endfor -%}'
+      f'{{%- if add_generation_prompt -%}}{{{{- {literal(template.assistant)} -}}}}{{%- endif -%}}')
+
+
+def write_tokenizer(out: epath.Path, tokenizer: Tokenizer, template: chat.ChatTemplate):
+  """tokenizer.json (placeholders included) or tokenizer.model, and tokenizer_config.json (the
+  placeholders as added tokens, the chat template, left padding for generation)."""
   if isinstance(tokenizer, HFTokenizer):
     tokenizer.save(out / 'tokenizer.json')
     token = tokenizer.tokenizer.id_to_token
@@ -253,8 +297,25 @@ def write_tokenizer(out: epath.Path, tokenizer: Tokenizer):
   names = {f'{key}_token': token(i) for key, i in (('bos', tokenizer.bos_id),
                                                     ('eos', tokenizer.eos_id),
                                                     ('pad', tokenizer.pad_id)) if i is not None}
-  (out / 'tokenizer_config.json').write_text(json.dumps(dict(tokenizer_class=tokenizer_class,
-                                                             **names), indent=2))
+  added = {str(tokenizer.token_id(t)): dict(content=t, special=True, normalized=False,
+                                            lstrip=False, rstrip=False, single_word=False)
+           for t in PLACEHOLDERS}
+  (out / 'tokenizer_config.json').write_text(json.dumps(dict(
+      tokenizer_class=tokenizer_class, added_tokens_decoder=added, padding_side='left',
+      chat_template=chat_template_jinja(template), **names), indent=2))
+
+
+def preprocessor_config(model: ml_collections.ConfigDict,
+                        run: ml_collections.ConfigDict | None) -> dict[str, Any]:
+  """preprocessor_config.json of a fusion='viln' export: the image processor of
+  hf_lavi/processing_lavi.py with the run's (else the default) data settings, as the Generator
+  prepares its inputs."""
+  data = run.data if run is not None else lavi_config.base_data_config()
+  return dict(image_processor_type='LaViImageProcessor', processor_class='LaViProcessor',
+              auto_map={'AutoProcessor': AUTO_MAP['AutoProcessor'],
+                        'AutoImageProcessor': 'processing_lavi.LaViImageProcessor'},
+              size=model.vision.image_size, grids=[list(g) for g in data.anyres_grids],
+              max_crops=data.max_crops, num_frames=data.num_frames or DEFAULT_NUM_FRAMES)
 
 
 def generation_config(model: ml_collections.ConfigDict, tokenizer: Tokenizer,
@@ -287,10 +348,17 @@ def export(checkpoint: str, out_dir: str, dtype: str | None = None,
   config = export_config(source.model, stored, tok)
   index = write_weights(source, out, target, max_bytes)
   (out / 'config.json').write_text(json.dumps(config, indent=2))
+  viln = source.model.fusion == 'viln'
+  if viln:
+    for name in HF_CODE_FILES:
+      (out / name).write_text((HF_CODE / name).read_text())
   if tok is not None:
-    write_tokenizer(out, tok)
+    write_tokenizer(out, tok, chat.get_template(default_chat_template(source.model, source.run)))
     (out / 'generation_config.json').write_text(
         json.dumps(generation_config(source.model, tok, source.run), indent=2))
+    if viln:
+      (out / 'preprocessor_config.json').write_text(
+          json.dumps(preprocessor_config(source.model, source.run), indent=2))
   return index
 
 
