@@ -173,6 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
           batch_size=8,  # requests decoded together
           max_len=2048,  # cache slots per request: prompt and answer together
           max_new_tokens=0,  # cap on the tasks' generation limits (0: theirs)
+          dtype='',  # parameters and computation while answering ('': the model's)
           # blocks removed from answers before scoring: 'default' (lmms-eval's <think> and
           # <analysis>), 'none', or a JSON list of [start, end] tag pairs
           reasoning_tags='default',
@@ -354,4 +355,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   """Checks a whole run config (model; mesh and batch against `num_devices`, default: the
   devices at hand). Returns the global batch size."""
   validate_model(config.model)
+  _check(config.eval.dtype in ('',) + DTYPES, 'eval.dtype',
+         f'{config.eval.dtype!r} is not one of {DTYPES} (or \'\': the model\'s)')
   return global_batch_size(config, num_devices)

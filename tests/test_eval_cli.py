@@ -158,7 +158,7 @@ def test_benchmarks_during_training(files, tmp_path):
   config.data.update(batch_size=8, max_text_len=48)
   config.train.stages.train.update(steps=2, warmup_steps=1)
   config.checkpoint.update(async_save=False, every=2)
-  assert loop._periodic_eval(config) is None  # off by default
+  assert loop._periodic_eval(config, mesh=None) is None  # off by default
   data = tmp_path / 'data'
   shutil.copytree(files['data'], data)
   config.eval.update(tasks='mme,gqa', every=2, data_dir=str(data), limit=3, batch_size=4,

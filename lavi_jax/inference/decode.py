@@ -19,6 +19,7 @@ T + N, the visual tokens inlined), N max new tokens, S = L + N cache slots, V vo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -30,7 +31,9 @@ import ml_collections
 import numpy as np
 
 from lavi_jax.inference import sampling
+from lavi_jax.inference.serving import Placement
 from lavi_jax.models.attention import Mask
+from lavi_jax.models.layers import constrain
 from lavi_jax.models.lavi import LaVi, VisualInput, count_items_so_far, is_placeholder
 from lavi_jax.models.llm import KVCache
 from lavi_jax.models.viln import VisualMemory, token_conditioning
@@ -82,8 +85,11 @@ def _prefill(m: LaVi, input_ids, text_mask, images, videos, new_tokens: int):
   slots = length + new_tokens
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, slots - length)])
   cache = KVCache.zeros(m.cfg, b, slots)
+  kv_axes = ('layers', 'batch', 'length', 'kv_heads', 'head_dim')
+  cache = cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes))
   positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-  hidden, cache = m.llm.hidden_states(embeds, positions, pad(Mask.causal_padded(valid).dense()), cond, cache)
+  mask = pad(Mask.causal_padded(valid).dense())
+  hidden, cache = m.llm.hidden_states(embeds, positions, mask, cond, cache)
   logits = m.llm.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
   return logits, cache, pad(valid), last + 1, items, memory
 
@@ -169,7 +175,7 @@ def generate(model: ml_collections.ConfigDict, params, input_ids, text_mask,
              max_new_tokens: int, limit: np.ndarray | None = None, temperature=0.0, top_k=0,
              top_p=1.0, seeds=0, stop_ids=(), pad_id: int = 0, keep_logits: bool = False,
              on_tokens: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None,
-             stream_every: int = 1) -> Output:
+             stream_every: int = 1, placement: Placement | None = None) -> Output:
   """Generates up to `max_new_tokens` (N) tokens per row after each prompt.
 
   input_ids, text_mask (B, T), right padded; images / videos as for LaVi. Per row (scalars
@@ -179,35 +185,40 @@ def generate(model: ml_collections.ConfigDict, params, input_ids, text_mask,
   `on_tokens(tokens (B, n), length (B,), done (B,))` gets the tokens so far (row b's are
   tokens[b, :length[b]]). Compiled functions are shared by every call with the same model
   config and shapes.
+
+  `placement`: the mesh `params` are laid out on (`Placement.place`; B a multiple of its batch
+  shards); the prompts, cache and visual memory are split over it. None: one device.
   """
-  model = ml_collections.FrozenConfigDict(model)
-  b = input_ids.shape[0]
-  keys, settings = _sampling_inputs(b, max_new_tokens, limit, temperature, top_k, top_p, seeds,
-                                    stop_ids, pad_id)
-  state, memory = _start(model, params, jnp.asarray(input_ids), jnp.asarray(text_mask, bool),
-                         images, videos, keys, settings, max_new_tokens=max_new_tokens,
-                         keep_logits=keep_logits)
-  chunk = stream_every if on_tokens else max_new_tokens
-  while True:
-    step = int(state.step)
-    done = np.asarray(state.done)
-    if on_tokens:
-      on_tokens(np.asarray(state.tokens[:, :step]), np.asarray(state.length), done)
-    if step >= max_new_tokens or done.all():
-      break
-    state = _decode(model, params, memory, state, keys, settings,
-                    jnp.int32(min(step + chunk, max_new_tokens)))
-  tokens = np.asarray(state.tokens)
-  length = np.asarray(state.length)
-  last = tokens[np.arange(b), np.maximum(length - 1, 0)]
-  return Output(tokens=tokens, length=length,
-                stopped=(length > 0) & np.isin(last, np.asarray(stop_ids)),
-                logits=None if state.logits is None else np.asarray(state.logits))
+  with placement.activate() if placement else contextlib.nullcontext():
+    model = ml_collections.FrozenConfigDict(model)
+    b = input_ids.shape[0]
+    keys, settings = _sampling_inputs(b, max_new_tokens, limit, temperature, top_k, top_p, seeds,
+                                      stop_ids, pad_id)
+    state, memory = _start(model, params, jnp.asarray(input_ids), jnp.asarray(text_mask, bool),
+                           images, videos, keys, settings, max_new_tokens=max_new_tokens,
+                           keep_logits=keep_logits)
+    chunk = stream_every if on_tokens else max_new_tokens
+    while True:
+      step = int(state.step)
+      done = np.asarray(state.done)
+      if on_tokens:
+        on_tokens(np.asarray(state.tokens[:, :step]), np.asarray(state.length), done)
+      if step >= max_new_tokens or done.all():
+        break
+      state = _decode(model, params, memory, state, keys, settings,
+                      jnp.int32(min(step + chunk, max_new_tokens)))
+    tokens = np.asarray(state.tokens)
+    length = np.asarray(state.length)
+    last = tokens[np.arange(b), np.maximum(length - 1, 0)]
+    return Output(tokens=tokens, length=length,
+                  stopped=(length > 0) & np.isin(last, np.asarray(stop_ids)),
+                  logits=None if state.logits is None else np.asarray(state.logits))
 
 
 def programs(model: ml_collections.ConfigDict, params, input_ids, text_mask,
              images: VisualInput | None = None, videos: VisualInput | None = None, *,
-             max_new_tokens: int) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+             max_new_tokens: int, placement: Placement | None = None
+             ) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
   """The (prefill, decode loop) programs that greedy `generate` runs for these inputs, lowered
   ahead of time (`.compile()` them for XLA's memory and cost analyses). Arguments may be
   ShapeDtypeStructs. The prefill's `out_info` is (the decode state, with its KV cache; the
@@ -215,8 +226,10 @@ def programs(model: ml_collections.ConfigDict, params, input_ids, text_mask,
   model = ml_collections.FrozenConfigDict(model)
   keys, settings = _sampling_inputs(input_ids.shape[0], max_new_tokens, None, 0.0, 0, 1.0, 0, (),
                                     0)
-  prefill = _start.lower(model, params, input_ids, text_mask, images, videos, keys, settings,
-                         max_new_tokens=max_new_tokens, keep_logits=False)
-  state, memory = prefill.out_info
-  loop = _decode.lower(model, params, memory, state, keys, settings, jnp.int32(max_new_tokens))
+  with placement.activate() if placement else contextlib.nullcontext():
+    prefill = _start.lower(model, params, input_ids, text_mask, images, videos, keys, settings,
+                           max_new_tokens=max_new_tokens, keep_logits=False)
+    state, memory = prefill.out_info
+    loop = _decode.lower(model, params, memory, state, keys, settings,
+                         jnp.int32(max_new_tokens))
   return prefill, loop

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from lavi_jax import config as lavi_config
 from lavi_jax.convert import from_hf
@@ -26,6 +27,7 @@ from lavi_jax.data.tokenizer import Tokenizer, load_tokenizer
 from lavi_jax.inference import decode
 from lavi_jax.inference.requests import Prepared, Request, Result, prepare
 from lavi_jax.inference.sampling import SamplingParams
+from lavi_jax.inference.serving import Placement
 from lavi_jax.train import checkpoint as ckpt_lib
 
 # Frames sampled from a video when the checkpoint's data config has none (data.num_frames = 0).
@@ -37,15 +39,28 @@ MIN_PROMPT_BUCKET = 16
 TextCallback = Callable[[int, str], None]
 
 
-def load_checkpoint(path: str) -> tuple[ml_collections.ConfigDict, dict,
-                                        ml_collections.ConfigDict | None]:
+def load_checkpoint(path: str, placement: Placement | None = None
+                    ) -> tuple[ml_collections.ConfigDict, dict, ml_collections.ConfigDict | None]:
   """(model config, params, run config or None) of a `convert.from_hf` output folder or of a
-  training workdir (its latest checkpoint; parameters only)."""
+  training workdir (its latest checkpoint; parameters only).
+
+  With a `placement`: the serving model config, and the parameters restored in its dtype
+  straight onto its mesh, each device reading only its shards.
+  """
   if from_hf.checkpoint_kind(path) == 'converted':
-    model, params = from_hf.load_converted(path)
-    return model, params, None
-  config, params = ckpt_lib.load_params(path)
-  return config.model, params, config
+    model, run_config = from_hf.load_converted_model(path), None
+  else:
+    run_config, _ = ckpt_lib.find_checkpoint(path)
+    model = run_config.model
+  abstract = None
+  if placement is not None:
+    model = placement.model(model)
+    abstract = placement.abstract_params(model)
+  if run_config is None:
+    _, params = from_hf.load_converted(path, abstract)
+  else:
+    _, params = ckpt_lib.load_params(path, abstract_params=abstract)
+  return model, params, run_config
 
 
 def find_tokenizer(path: str, run_config: ml_collections.ConfigDict | None) -> Tokenizer:
@@ -71,18 +86,24 @@ class Generator:
   max_len: cache slots per request, prompt and answer together (for fusion='concat' the prompt's
   visual tokens count too); an answer that reaches it ends with finish_reason 'length'.
   num_frames: frames sampled per video (default: data.num_frames, else DEFAULT_NUM_FRAMES).
+  placement: the mesh and dtype generation runs in (default: one device, the model's dtypes);
+  `params` are cast and laid out for it, and batches are rounded up to its batch shards.
   """
 
   def __init__(self, model: ml_collections.ConfigDict, params, tokenizer: Tokenizer,
                chat_template: str = 'chatml', data: ml_collections.ConfigDict | None = None,
                max_len: int = 4096, batch_size: int = 8,
-               sampling: SamplingParams = SamplingParams(), num_frames: int = 0):
+               sampling: SamplingParams = SamplingParams(), num_frames: int = 0,
+               placement: Placement | None = None):
     data = ml_collections.ConfigDict((data or lavi_config.base_data_config()).to_dict())
     data.chat_template = chat_template
     data.num_frames = num_frames or data.num_frames or DEFAULT_NUM_FRAMES
     config = ml_collections.ConfigDict(dict(model=model, data=data))
     pipeline.check_tokenizer(config, tokenizer)
-    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.placement = placement or Placement.single_device()
+    self.model = self.placement.model(model)
+    self.params = self.placement.place(self.model, params)
+    self.tokenizer = tokenizer
     self.template = chat.get_template(chat_template)
     self.spec = pipeline.example_spec(config)
     self.max_len, self.batch_size, self.sampling = max_len, batch_size, sampling
@@ -90,16 +111,23 @@ class Generator:
 
   @classmethod
   def load(cls, path: str, tokenizer: str | None = None, chat_template: str | None = None,
-           **kwargs) -> Generator:
+           mesh: Mesh | str | None = None, dtype: str | None = None, **kwargs) -> Generator:
     """From a `convert.from_hf` output or a training workdir. The tokenizer defaults to the
     run's, else a tokenizer.json / tokenizer.model in `path`; the template to the run's, else by
-    LLM architecture (qwen2: chatml, llama: vicuna_v1)."""
-    model, params, run_config = load_checkpoint(path)
+    LLM architecture (qwen2: chatml, llama: vicuna_v1).
+
+    mesh: a `(data, fsdp, tensor)` Mesh or its sizes 'DATA,FSDP,TENSOR' (default: one device);
+    dtype: the serving dtype of parameters and computation (default: the checkpoint's). The
+    parameters are restored in that dtype onto the mesh.
+    """
+    placement = (Placement.on(mesh, dtype) if isinstance(mesh, Mesh)
+                 else Placement.from_flags(mesh, dtype) if mesh else Placement.single_device(dtype))
+    model, params, run_config = load_checkpoint(path, placement)
     tok = load_tokenizer(tokenizer) if tokenizer else find_tokenizer(path, run_config)
     if chat_template is None:
       chat_template = default_chat_template(model, run_config)
     data = run_config.data if run_config is not None else None
-    return cls(model, params, tok, chat_template, data, **kwargs)
+    return cls(model, params, tok, chat_template, data, placement=placement, **kwargs)
 
   def generate(self, requests: Sequence[Request | str],
                on_text: TextCallback | None = None) -> list[Result]:
@@ -107,7 +135,8 @@ class Generator:
     requests = [Request(r) if isinstance(r, str) else r for r in requests]
     results: list[Result | None] = [None] * len(requests)
     pending: list[tuple[int, Prepared]] = []
-    rows = min(self.batch_size, len(requests))  # fewer requests than a batch: a smaller batch
+    # fewer requests than a batch: a smaller batch (a whole number of batch shards)
+    rows = self.placement.rows(min(self.batch_size, len(requests)))
 
     def run_pending():
       for (index, _), result in zip(pending, self._run(requests, pending, rows, on_text)):
@@ -159,7 +188,7 @@ class Generator:
         top_k=per_row([s.top_k for s in sampling], 0),
         top_p=per_row([s.top_p for s in sampling], 1.0),
         seeds=per_row([s.seed for s in sampling], 0), stop_ids=self.stop_ids,
-        pad_id=self.tokenizer.pad_id, on_tokens=stream)
+        pad_id=self.tokenizer.pad_id, on_tokens=stream, placement=self.placement)
     results = []
     for row, (index, _) in enumerate(pending):
       ids = out.tokens[row, :out.length[row]].tolist()

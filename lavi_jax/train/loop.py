@@ -132,10 +132,10 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     lavi_config.validate(config)
-    self.benchmarks = _periodic_eval(config)  # before anything slow: checks the data files
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.benchmarks = _periodic_eval(config, self.mesh)  # before anything slow: checks data files
     self.config = config
     self.workdir = workdir
-    self.mesh = sharding.make_mesh(config.mesh)
     self.stages = opt_lib.stages(config.train)
     self.total_steps = self.stages[-1].end
     self.checkpointer = ckpt_lib.Checkpointer(workdir, config)
@@ -241,7 +241,7 @@ class Trainer:
     return step
 
 
-def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] | None:
+def _periodic_eval(config: ml_collections.ConfigDict, mesh) -> Callable[[Any], dict] | None:
   """config.eval: params -> {'eval/TASK/METRIC': headline value, 'eval/errors': tasks that
   failed}, or None when off. Raises FileNotFoundError naming the task when a data file is
   missing; a task that fails during training (bad record, unreadable file) is logged and
@@ -253,6 +253,7 @@ def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] |
     return None
   from lavi_jax.eval import datasets, runner, scoring, tasks  # pylint: disable=import-outside-toplevel
   from lavi_jax.inference.generator import Generator  # pylint: disable=import-outside-toplevel
+  from lavi_jax.inference.serving import Placement  # pylint: disable=import-outside-toplevel
   selected = tasks.resolve(config.eval.tasks)
   for task in selected:
     try:
@@ -264,11 +265,13 @@ def _periodic_eval(config: ml_collections.ConfigDict) -> Callable[[Any], dict] |
   except ValueError as e:
     raise lavi_config.ConfigError(f'config.eval.reasoning_tags: {e}') from e
   tokenizer = pipeline.make_tokenizer(config.data)
+  # on the training mesh and its parameter layout, in the serving dtype
+  placement = Placement(mesh, config.mesh.rules, config.eval.dtype or None)
 
   def run(params) -> dict[str, float]:
     generator = Generator(config.model, params, tokenizer, config.data.chat_template,
                           config.data, max_len=config.eval.max_len,
-                          batch_size=config.eval.batch_size)
+                          batch_size=config.eval.batch_size, placement=placement)
     outputs, errors = [], 0
     for task in selected:
       try:
