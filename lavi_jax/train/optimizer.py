@@ -93,11 +93,31 @@ def learning_rate_schedule(stage: Stage, train: ml_collections.ConfigDict, scale
       peak * train.end_lr_fraction)
 
 
+# Weight decay by the parameter's name (the last part of its path), so scanned layers (a leading
+# stacked 'layers' axis) decay exactly what unscanned ones do. Names ending in these decay:
+# dense and conv kernels (incl. the ConvMixer's depthwise_kernel) and every embedding table
+# (tokens, SigLIP's position_embedding, the crop/frame-index embedding), as in Hugging Face's
+# Trainer. Norm scales, biases (incl. depthwise_bias) and the ViLN tanh gates do not.
+DECAYED = ('kernel', 'embedding')
+NOT_DECAYED = ('scale', 'bias', 'gate')
+
+
+def decays(path: str) -> bool:
+  """Whether AdamW's weight decay applies to the parameter at `path` (see DECAYED)."""
+  name = path.rpartition(SEP)[2]
+  if name.endswith(DECAYED):
+    return True
+  if name.endswith(NOT_DECAYED):
+    return False
+  raise ValueError(f'no weight-decay rule for parameter {path!r}: its name should end in one of '
+                   f'{DECAYED} (decayed) or {NOT_DECAYED} (not decayed)')
+
+
 def make_optimizer(stage: Stage, train: ml_collections.ConfigDict,
                    trainable: dict) -> optax.GradientTransformation:
   """AdamW over a flat trainable dict, with per-group learning rates and global-norm clipping.
 
-  Weight decay (decoupled, as AdamW) skips vectors: norm scales and biases.
+  Weight decay (decoupled, as AdamW) applies to kernels and embeddings only (`decays`).
   """
   scales = _lr_scales(stage.config.lr_scale)
 
@@ -110,7 +130,6 @@ def make_optimizer(stage: Stage, train: ml_collections.ConfigDict,
   return optax.chain(
       optax.clip_by_global_norm(train.clip_norm) if train.clip_norm > 0 else optax.identity(),
       optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps),
-      optax.add_decayed_weights(train.weight_decay,
-                                mask={k: v.ndim > 1 for k, v in trainable.items()}),
+      optax.add_decayed_weights(train.weight_decay, mask={k: decays(k) for k in trainable}),
       optax.multi_transform(rates, {path: label(path) for path in trainable}),
   )
