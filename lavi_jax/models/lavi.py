@@ -126,9 +126,13 @@ class LaVi(nn.Module):
 
   def conditioning(self, visual: VisualTokens | None,
                    token_items: jax.Array) -> Conditioning | None:
-    """What the ViLN layers read, for text tokens that have seen `token_items` items (B, T)."""
+    """What the ViLN layers read, for text tokens that have seen `token_items` items (B, T).
+
+    Its visual memory is float32, so that its gradient, summed over every modulated norm (in
+    the scan's carry when layers are scanned), accumulates in float32.
+    """
     memory = self.visual_memory(visual)
-    return None if memory is None else token_conditioning(memory, token_items)
+    return None if memory is None else token_conditioning(memory, token_items, jnp.float32)
 
   def __call__(self, input_ids, text_mask=None, images: VisualInput | None = None,
                videos: VisualInput | None = None, visual: Pool | None = None) -> jax.Array:

@@ -36,10 +36,11 @@ Conditioning = dict[str, Any]
 
 
 def masked_mean(allowed: jax.Array, tokens: jax.Array) -> jax.Array:
-  """allowed (B, T, N), tokens (B, N, C) -> (B, T, C) mean over the allowed tokens (0 if none)."""
-  weights = allowed.astype(tokens.dtype)
-  total = jnp.einsum('btn,bnc->btc', weights, tokens)
-  count = jnp.maximum(weights.sum(-1, keepdims=True), 1)
+  """allowed (B, T, N), tokens (B, N, C) -> (B, T, C) float32 mean over the allowed tokens (0 if
+  none). Sums and counts are float32 whatever the tokens' dtype (bfloat16 counts 7,290 as 7,296)."""
+  total = jnp.einsum('btn,bnc->btc', allowed.astype(tokens.dtype), tokens,
+                     preferred_element_type=jnp.float32)
+  count = jnp.maximum(allowed.sum(-1, keepdims=True, dtype=jnp.float32), 1)
   return total / count
 
 
@@ -113,11 +114,19 @@ class ViLNContext(nn.Module):
     return out
 
 
-def token_conditioning(memory: VisualMemory, token_items: jax.Array) -> Conditioning:
-  """The conditioning of text tokens that have seen `token_items` (B, T) visual items each."""
+def token_conditioning(memory: VisualMemory, token_items: jax.Array,
+                       kv_dtype: jnp.dtype | None = None) -> Conditioning:
+  """The conditioning of text tokens that have seen `token_items` (B, T) visual items each.
+
+  Every modulated norm reads its visual part (cast to the compute dtype), so the gradient of that
+  part is summed over all of them, in its own dtype: the mlp/conv summary is float32, and so are
+  the attention keys and values with `kv_dtype=jnp.float32` (`LaVi.conditioning`; decoding, which
+  takes no gradient, keeps the memory's dtype).
+  """
   mask = Mask.item_prefix(token_items, memory['mask'], memory['item'])
   if 'k' in memory:  # attention reads the mask itself: no (T, N) array
-    return {'mask': mask, 'has_visual': mask.any_allowed(), 'k': memory['k'], 'v': memory['v']}
+    k, v = (memory[n] if kv_dtype is None else memory[n].astype(kv_dtype) for n in ('k', 'v'))
+    return {'mask': mask, 'has_visual': mask.any_allowed(), 'k': k, 'v': v}
   allowed = constrain(mask.dense(), ('batch', 'length', 'vis_tokens'))
   out = {'mask': mask, 'has_visual': allowed.any(-1)}
   if 'mixed' in memory:
@@ -142,7 +151,7 @@ class Conditioner(nn.Module):
     if cfg.conditioner == 'attention':
       q = Dense((cfg.heads, cfg.head_dim), ('embed', 'cond_heads', 'cond_dim'), use_bias=False,
                 name='q_proj', **kw)(x)
-      k, v = (jnp.take(cond[name], group, axis=0) for name in ('k', 'v'))
+      k, v = (jnp.take(cond[name], group, axis=0).astype(x.dtype) for name in ('k', 'v'))
       a = attention(q, k, v, cond['mask'], self.config.attention, self.config.attention_block)
       delta = Dense((2, d), ('cond_heads', 'cond_dim', None, 'embed'), in_axes_count=2,
                     zero_init=zero_last, name='o_proj', **kw)(a)
@@ -177,11 +186,14 @@ class ViLN(nn.Module):
     scale = self.param('scale', partitioned(nn.initializers.ones, ('norm',)), (d,),
                        dtype_of(self.config.param_dtype))
     x = rms_normalize(h, self.config.llm.rms_norm_eps)
+    plain = scale.astype(h.dtype) * x.astype(h.dtype)  # HF's rounding in the compute dtype
     if not self.modulated or cond is None:
-      return scale.astype(h.dtype) * x.astype(h.dtype)
+      return plain
     dg, db = Conditioner(self.config, name='conditioner')(x.astype(h.dtype), cond, group)
     # Per-token size of the deltas, (B, T, 2): RMS over the width of dg and db. Kept only when
     # the 'intermediates' collection is mutable (lavi_jax/eval/modulation.py).
     rms = lambda d: jnp.sqrt(jnp.mean(jnp.square(d), axis=-1))
     self.sow('intermediates', 'delta_rms', jnp.stack([rms(dg), rms(db)], axis=-1))
-    return ((scale.astype(jnp.float32) + dg) * x + db).astype(h.dtype)
+    # The plain norm plus the float32 deltas, rounded once: zero deltas (zero-initialised
+    # conditioners, tokens before any item) give exactly the plain norm in every dtype.
+    return (plain.astype(jnp.float32) + (dg * x + db)).astype(h.dtype)
