@@ -9,6 +9,7 @@ import pytest
 from lavi_jax.convert import from_hf
 from lavi_jax.data import synthetic
 from lavi_jax.inference import Generator, Request, SamplingParams, decode
+from lavi_jax.inference import generate as cli
 from lavi_jax.inference.serving import Placement
 from tests.data_files import write_photos
 from tests.helpers import random_images, random_params, tiny_config
@@ -44,20 +45,26 @@ def test_sharded_float32_equals_one_device(overrides):
   np.testing.assert_allclose(sharded.logits, alone.logits, atol=1e-5, rtol=0)
 
 
-def test_sharded_bfloat16_restores_onto_the_mesh_and_equals_one_device(tmp_path):
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory):
+  """A tiny random LaVi saved as a convert.from_hf output with the synthetic tokenizer."""
+  folder = tmp_path_factory.mktemp('converted')
   config = tiny_config(**{'vision.image_size': 32, 'llm.vocab_size': 96})  # every id decodes
-  from_hf.save_converted(tmp_path, config.model,
-                         jax.tree.map(jnp.copy, random_params(config.model)))
-  synthetic.synthetic_tokenizer().save(tmp_path / 'tokenizer.json')
+  from_hf.save_converted(folder, config.model, jax.tree.map(jnp.copy, random_params(config.model)))
+  synthetic.synthetic_tokenizer().save(folder / 'tokenizer.json')
+  return folder
+
+
+def test_sharded_bfloat16_restores_onto_the_mesh_and_equals_one_device(converted, tmp_path):
   kwargs = dict(max_len=48, batch_size=3, sampling=SamplingParams(max_new_tokens=N))
-  sharded = Generator.load(str(tmp_path), mesh=MESH, dtype='bfloat16', **kwargs)
+  sharded = Generator.load(str(converted), mesh=MESH, dtype='bfloat16', **kwargs)
   assert sharded.model.dtype == sharded.model.param_dtype == 'bfloat16'
   leaves = jax.tree.leaves(sharded.params)
   assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
   assert all(len(x.sharding.device_set) == 8 for x in leaves)
   embed = sharded.params['llm']['embed_tokens']['embedding']  # (vocab, embed)
   assert embed.addressable_shards[0].data.shape == (96 // 2, 128 // 2)  # tensor x fsdp
-  one = Generator.load(str(tmp_path), dtype='bfloat16', **kwargs)
+  one = Generator.load(str(converted), dtype='bfloat16', **kwargs)
   photo = str(write_photos(tmp_path / 'photos')['astronaut.png'])
   requests = [Request('What colour is the circle?', images=(photo,)),
               Request('What is this?', images=(photo,)), Request('Hello')]  # 4 rows on the mesh
@@ -65,7 +72,12 @@ def test_sharded_bfloat16_restores_onto_the_mesh_and_equals_one_device(tmp_path)
           [r.token_ids for r in one.generate(requests)])
 
 
-def test_a_tensor_axis_must_divide_the_heads():
-  model = tiny_config().model  # 2 KV heads
-  with pytest.raises(ValueError, match=r'llm.num_kv_heads=2'):
-    Placement.from_flags('1,1,4').model(model)
+@pytest.mark.parametrize('mesh, message', [
+    ('1,1,4', 'a tensor axis of 4 devices must divide llm.num_kv_heads=2'),  # 2 KV heads
+    ('3,-1,1', '8 devices are not divisible by the fixed mesh sizes'),
+    ('2,4', "mesh '2,4': give three sizes DATA,FSDP,TENSOR"),
+])
+def test_generate_command_names_a_mesh_that_does_not_fit(converted, mesh, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(['--checkpoint', str(converted), '--prompt', 'Hi', '--mesh', mesh])
+  assert e.value.code == 2 and message in capsys.readouterr().err

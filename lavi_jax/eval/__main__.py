@@ -18,6 +18,7 @@ from etils import epath
 
 from lavi_jax.data.errors import DataError
 from lavi_jax.eval import runner, scoring, tasks
+from lavi_jax.inference import serving
 from lavi_jax.inference.generator import Generator
 
 
@@ -55,14 +56,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'answers before scoring, "none" to score answers as they are, or '
                       f'"default": {json.dumps(scoring.REASONING_TAGS)} (lmms-eval\'s '
                       '--reasoning_tags and its default)')
+  serving.add_flags(parser)
   args = parser.parse_args(argv)
   try:
     selected = tasks.resolve(args.tasks)
   except ValueError as e:
     parser.error(str(e))
-  generator = Generator.load(args.checkpoint, tokenizer=args.tokenizer,
-                             chat_template=args.chat_template, max_len=args.max_len,
-                             batch_size=args.batch_size, num_frames=args.num_frames)
+  try:
+    generator = Generator.load(args.checkpoint, tokenizer=args.tokenizer,
+                               chat_template=args.chat_template, max_len=args.max_len,
+                               batch_size=args.batch_size, num_frames=args.num_frames,
+                               mesh=args.mesh, dtype=args.dtype)
+  except ValueError as e:  # a mesh that does not suit the devices or the model
+    parser.error(str(e))
   output_dir = epath.Path(args.output_dir or epath.Path(args.checkpoint) / 'eval')
   output_dir.mkdir(parents=True, exist_ok=True)
   try:

@@ -25,6 +25,7 @@ from typing import Sequence
 from etils import epath
 
 from lavi_jax.data.errors import DataError
+from lavi_jax.inference import serving
 from lavi_jax.inference.generator import Generator
 from lavi_jax.inference.requests import Request, Result
 from lavi_jax.inference.sampling import SamplingParams
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for field in dataclasses.fields(SamplingParams):
     parser.add_argument('--' + field.name.replace('_', '-'), type=type(field.default),
                         default=field.default, help='see SamplingParams (default %(default)s)')
+  serving.add_flags(parser)
   args = parser.parse_args(argv)
   if (args.prompt is None) == (args.requests is None):
     parser.error('give either --prompt or --requests')
@@ -83,9 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  for f in dataclasses.fields(SamplingParams)})
   except ValueError as e:
     parser.error(str(e))
-  generator = Generator.load(args.checkpoint, tokenizer=args.tokenizer,
-                             chat_template=args.chat_template, max_len=args.max_len,
-                             batch_size=args.batch_size, sampling=sampling)
+  try:
+    generator = Generator.load(args.checkpoint, tokenizer=args.tokenizer,
+                               chat_template=args.chat_template, max_len=args.max_len,
+                               batch_size=args.batch_size, sampling=sampling, mesh=args.mesh,
+                               dtype=args.dtype)
+  except ValueError as e:  # a mesh that does not suit the devices or the model
+    parser.error(str(e))
   if args.prompt is not None:
     request = Request(args.prompt, images=tuple(args.image), video=args.video)
     [result] = generator.generate(

@@ -14,6 +14,7 @@ meshes. `Placement.from_flags('1,1,4', 'bfloat16')` is what the command lines bu
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -51,12 +52,7 @@ class Placement:
     """mesh: 'DATA,FSDP,TENSOR' sizes (one may be -1: the rest of `devices`, default all; else
     the first DATA x FSDP x TENSOR devices); the rules are `fsdp_tp` when TENSOR > 1, else
     `fsdp`."""
-    try:
-      sizes = [int(s) for s in mesh.split(',')]
-    except ValueError:
-      sizes = []
-    if len(sizes) != 3:
-      raise ValueError(f'mesh {mesh!r}: give three sizes DATA,FSDP,TENSOR, e.g. 1,1,4')
+    sizes = mesh_sizes(mesh)
     if dtype is not None and dtype not in lavi_config.DTYPES:
       raise ValueError(f'dtype {dtype!r} is not one of {lavi_config.DTYPES}')
     devices = jax.devices() if devices is None else devices
@@ -137,3 +133,33 @@ class Placement:
     mesh_config = ml_collections.ConfigDict(dict(rules=self.rules))
     with sharding.activate(self.mesh, mesh_config):
       yield
+
+
+def mesh_sizes(text: str) -> list[int]:
+  """'DATA,FSDP,TENSOR' -> [data, fsdp, tensor]; ValueError when it is not three integers."""
+  try:
+    sizes = [int(s) for s in text.split(',')]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3:
+    raise ValueError(f'mesh {text!r}: give three sizes DATA,FSDP,TENSOR, e.g. 1,1,4')
+  return sizes
+
+
+def _mesh_flag(text: str) -> str:
+  try:
+    mesh_sizes(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from e
+  return text
+
+
+def add_flags(parser: argparse.ArgumentParser):
+  """--mesh and --dtype, the placement flags of every command that generates
+  (`Generator.load(path, mesh=args.mesh, dtype=args.dtype)`)."""
+  parser.add_argument('--mesh', type=_mesh_flag,
+                      help='devices to split the model over, as DATA,FSDP,TENSOR sizes (e.g. '
+                      '1,1,4: tensor parallel over 4 devices; one size may be -1: the rest of '
+                      'the devices). Default: one device')
+  parser.add_argument('--dtype', choices=lavi_config.DTYPES,
+                      help='parameters and computation in this dtype (default: the checkpoint\'s)')
