@@ -37,7 +37,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0-based).'
 
 # Errors that say what to fix in the config or in the files it names: shown without traceback.
 SETUP_ERRORS = (lavi_config.ConfigError, FileNotFoundError, DataError,
-                ckpt_lib.ModelConfigMismatch)
+                ckpt_lib.ModelConfigMismatch, ckpt_lib.CorruptCheckpoint)
 
 
 def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None):

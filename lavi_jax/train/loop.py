@@ -1,8 +1,9 @@
 """The training loop: stages, sharded steps, metrics, checkpoints, resume, clean preemption.
 
-A run restarted with the same workdir resumes from its latest checkpoint exactly (train state
-and data iterator). SIGTERM, or a TPU preemption notice, saves a checkpoint and exits cleanly.
-A non-finite loss stops the run before anything is saved after it.
+A run restarted with the same workdir resumes from its latest intact checkpoint exactly (train
+state and data iterator; see `train.checkpoint` for the checksums). SIGTERM, or a TPU preemption
+notice, saves a checkpoint and exits cleanly. A non-finite loss stops the run before anything
+is saved after it.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def _initial_params(config: ml_collections.ConfigDict, param_shardings):
   """Parameters from `config.init_from` (a convert.from_hf output), restored sharded."""
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(config.model), param_shardings)
+  ckpt_lib.check_intact(config.init_from, f'init_from={config.init_from}')
   stored_model, params = from_hf.load_converted(config.init_from, abstract)
   ckpt_lib.check_model_config(stored_model, config.model, f'init_from={config.init_from}')
   return params
@@ -150,7 +152,7 @@ class Trainer:
     self._compiled: dict[int, Callable] = {}
 
   def _initial_state(self):
-    latest = self.checkpointer.latest_step()
+    latest = self.checkpointer.latest_intact_step()
     if latest is not None:
       stage = opt_lib.stage_at(self.config.train, max(latest - 1, 0)) or self.stages[-1]
       abstract, _ = state_lib.state_shardings(self.config, stage, self.mesh,
