@@ -234,9 +234,6 @@ class Checkpointer:
     self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='checksums')
     self._manifests: list[concurrent.futures.Future] = []
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def latest_intact_step(self) -> int | None:
     """The newest step whose files match their checksums (None: no checkpoint yet). Newer steps
     that fail are reported and set aside as `{step}.corrupt-{time}`; when none verifies,
@@ -306,9 +303,6 @@ class Checkpointer:
         state=ocp.args.StandardRestore(_as_dict(abstract_state)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return TrainState(**restored['state'])
-
-  def reached_preemption(self, step: int) -> bool:
-    return self.manager.reached_preemption(step)
 
   def wait(self):
     """Until every save started is committed and has its checksums."""

@@ -2,8 +2,9 @@
 
 A run restarted with the same workdir resumes from its latest intact checkpoint exactly (train
 state and data iterator; see `train.checkpoint` for the checksums). SIGTERM, or a TPU preemption
-notice, saves a checkpoint and exits cleanly. A non-finite loss stops the run before anything
-is saved after it.
+notice, on any host stops every host at the same step: all save that step and exit cleanly. A
+non-finite loss stops the run before anything is saved after it (the loss is replicated, so
+every host sees it at the same step).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lavi_jax import config as lavi_config
@@ -39,19 +41,39 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class _StopRequest:
-  """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+  """Whether to stop at a step boundary: the same answer on every process, so that all save the
+  same step and exit.
+
+  One process: SIGTERM sets a flag. Several: JAX's preemption sync service (started by
+  `jax.distributed.initialize`) catches SIGTERM, the preemption notice, on any host and picks the
+  next step that every host reaches; `reached_preemption_sync_point` is a local check, no
+  collective, so this costs nothing per step. Without the service
+  (`jax_enable_preemption_service=False`) the hosts pool their SIGTERM flags with an all-gather
+  at every step boundary instead (a host sync per step).
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.signalled = False
+    self._service = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+    # The service installs its own SIGTERM handler, which a Python handler would replace.
+    self._previous = None if self._service else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint and exiting.')
-    self.requested = True
+    self.signalled = True
+
+  def agreed(self, step: int) -> bool:
+    """Whether every process stops after `step` (call it at every step boundary)."""
+    if self._service:
+      return multihost_utils.reached_preemption_sync_point(step)
+    if jax.process_count() == 1:
+      return self.signalled
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.signalled))))
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._service:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def global_batch(local_batch: dict[str, Any], mesh) -> dict[str, Any]:
@@ -174,22 +196,21 @@ class Trainer:
     self.checkpointer.save(step, self.state, self.data, force=force)
 
   def run(self) -> int:
-    """Trains until the last stage ends (or SIGTERM). Returns the final step."""
-    stop = _StopRequest()
+    """Trains until the last stage ends (or a stop all processes agree on: SIGTERM, preemption).
+    Returns the final step."""
+    stop, stopped = _StopRequest(), False
     step = int(self.state.step)
     progress = tqdm.tqdm(total=self.total_steps, initial=step, desc='train', unit='step',
                          disable=jax.process_index() != 0)
     peak = flops_lib.peak_flops_per_device(configured=self.config.train.peak_flops_per_device)
     try:
-      while step < self.total_steps and not stop.requested:
+      while step < self.total_steps and not stopped:
         stage = opt_lib.stage_at(self.config.train, step)
         if stage.index != self.optimizer_stage.index:
           self.state = state_lib.with_stage_optimizer(self.state, self.config, stage, self.mesh,
                                                       self.param_shardings)
           self.optimizer_stage = stage
-        step = self._run_stage(stage, step, stop, progress, peak)
-      if stop.requested and self.checkpointer.latest_step() != step:  # not saved in the loop
-        self._save(step, force=True)
+        step, stopped = self._run_stage(stage, step, stop, progress, peak)
       self.checkpointer.wait()
     finally:
       stop.restore()
@@ -197,7 +218,8 @@ class Trainer:
       self.writer.close()
     return step
 
-  def _run_stage(self, stage, step, stop, progress, peak) -> int:
+  def _run_stage(self, stage, step, stop, progress, peak) -> tuple[int, bool]:
+    """Trains `stage` from `step`; returns (the step reached, whether the run stops there)."""
     step_fn = self._step_fn(stage)
     pending, window_start, shapes = [], time.perf_counter(), None
     devices = jax.device_count()
@@ -210,11 +232,10 @@ class Trainer:
       step += 1
       progress.update(1)
       end_of_stage = step == stage.end
-      preempted = self.checkpointer.reached_preemption(step)
-      save_now = (end_of_stage or step % self.config.checkpoint.every == 0 or stop.requested
-                  or preempted)
+      stopping = stop.agreed(step)
+      save_now = end_of_stage or step % self.config.checkpoint.every == 0 or stopping
       eval_now = (self.benchmarks is not None and step % self.config.eval.every == 0
-                  and not (stop.requested or preempted))
+                  and not stopping)
       summary = None
       if step % self.config.train.log_every == 0 or save_now or eval_now:
         fetched = jax.device_get(pending)
@@ -232,15 +253,15 @@ class Trainer:
         progress.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{summary["accuracy"]:.2f}')
         pending = []
       if save_now:
-        self._save(step, force=stop.requested or end_of_stage)
+        self._save(step, force=stopping or end_of_stage)
       if eval_now:  # after the save, so a failing benchmark costs no training
         summary.update(self.benchmarks(self.state.params))
       if summary is not None:
         self.writer.write(step, summary)
         window_start = time.perf_counter()
-      if stop.requested:
-        break
-    return step
+      if stopping:
+        return step, True
+    return step, False
 
 
 def _periodic_eval(config: ml_collections.ConfigDict, mesh) -> Callable[[Any], dict] | None:
