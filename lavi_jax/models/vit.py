@@ -90,15 +90,29 @@ class ViT(nn.Module):
                      (g * g, cfg.hidden_size), param_dtype)
     x = constrain(x + pos.astype(dtype), ('batch', 'length', 'vis_embed'))
     feature_layers = resolve_feature_layers(cfg)
-    deepest = max(feature_layers)
-    layer_cls = remat(SiglipLayer, self.config.remat)
-    hidden = [x]
-    for i in range(cfg.num_layers):
-      if i < deepest:
-        x = layer_cls(self.config, name=f'layers_{i}')(x)
-        hidden.append(x)
-      elif self.is_initializing():  # create unused parameters without changing the output
-        layer_cls(self.config, name=f'layers_{i}')(x)
-    if self.is_initializing():
+    hidden, done = {0: x}, 0
+    for end in sorted(set(feature_layers) - {0}):  # run up to each feature layer in turn
+      x = hidden[end] = self._layers(x, done, end)
+      done = end
+    if self.is_initializing():  # create unused parameters without changing the output
+      self._layers(x, done, cfg.num_layers)
       LayerNorm(cfg.layer_norm_eps, 'vis_embed', dtype, param_dtype, name='post_layernorm')(x)
     return jnp.concatenate([hidden[f] for f in feature_layers], axis=-1)
+
+  def _layers(self, x: jax.Array, start: int, end: int) -> jax.Array:
+    """x (M, P, D) through layers start..end-1 (parameters `layers_{i}`).
+
+    With `scan_layers`, one `lax.scan` over the layers' parameters stacked (their layout stays
+    `layers_{i}`): the backward pass then finishes each layer's gradients inside its iteration.
+    Unrolled, XLA kept every layer's MLP activation gradients alive to the end of the backward
+    pass (7B finetune on v5p-64 at one row per chip: 9.2 GiB of temporaries per chip, 4.4 scanned).
+    """
+    layer_cls = remat(SiglipLayer, self.config.remat)
+    if not self.config.scan_layers or self.is_initializing():
+      for i in range(start, end):
+        x = layer_cls(self.config, name=f'layers_{i}')(x)
+      return x
+    layers = [self.variables['params'][f'layers_{i}'] for i in range(start, end)]
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *layers)
+    layer = layer_cls(self.config, parent=None)
+    return jax.lax.scan(lambda h, p: (layer.apply({'params': p}, h), None), x, stacked)[0]
