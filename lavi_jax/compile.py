@@ -41,7 +41,7 @@ from lavi_jax import compiled_flops as compiled_flops_lib
 from lavi_jax import config as lavi_config
 from lavi_jax import sharding
 from lavi_jax.data import pipeline
-from lavi_jax.inference import decode
+from lavi_jax.inference import decode, serving
 from lavi_jax.models import abstract_params
 from lavi_jax.train import flops as flops_lib
 from lavi_jax.train import loop
@@ -52,6 +52,7 @@ HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
 SLICES = {'v4': ('v4', 2, (2, 2, 1)), 'v5p': ('v5p', 2, (2, 2, 1)), 'v5e': ('v5e', 1, (1, 1)),
           'v5litepod': ('v5e', 1, (1, 1)), 'v6e': ('v6e', 1, (1, 1))}
 GENERATION_NEW_TOKENS = 256  # answer length of the generation programs (eval.max_new_tokens: 0)
+GENERATION_PROMPT_LEN = 64  # text tokens of their prompts (beside one image)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/7b.py', 'Run config file.')
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5p-64',
@@ -61,7 +62,14 @@ _NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices of a multi-slice job
                                    'config.mesh.num_slices).')
 _STAGES = flags.DEFINE_list('stages', None, 'Stages to compile (default: train.stage_order).')
 _GENERATION = flags.DEFINE_bool('generation', False, 'Also compile the generation prefill and '
-                                'decode programs (single chip).')
+                                'decode programs for --serving_topology.')
+_SERVING_TOPOLOGY = flags.DEFINE_string('serving_topology', '', 'Slice the generation programs '
+                                        'are compiled for (default: one chip of --topology), '
+                                        'e.g. v6e-1, v5e-4.')
+_SERVING_MESH = flags.DEFINE_string('serving_mesh', '1,1,-1', 'DATA,FSDP,TENSOR mesh of the '
+                                    'generation programs (as the generate command\'s --mesh).')
+_SERVING_DTYPE = flags.DEFINE_enum('serving_dtype', 'bfloat16', lavi_config.DTYPES,
+                                   'Parameters and computation of the generation programs.')
 _HBM_GIB = flags.DEFINE_float('hbm_gib', 0.0, 'HBM per chip in GiB (0: the generation\'s).')
 _JSON = flags.DEFINE_string('json', None, 'Write the report (one dict per program) here.')
 
@@ -225,45 +233,75 @@ def _ratio(a: float | None, b: float | None) -> float | None:
   return None if a is None or b is None else a / b
 
 
-def generation_reports(config: ml_collections.ConfigDict, device,
-                       hbm_bytes: int) -> list[tuple[jax.stages.Compiled, dict]]:
-  """(compiled program, report) of the prefill and decode loop of greedy generation on one chip:
-  eval.batch_size requests of eval.max_len cache slots (the answer: eval.max_new_tokens, else
-  GENERATION_NEW_TOKENS), each with an image of the data config's most crops and, when it has
-  videos, a video of its frames."""
-  new_tokens = config.eval.max_new_tokens or GENERATION_NEW_TOKENS
-  b, prompt = config.eval.batch_size, config.eval.max_len - new_tokens
-  example = pipeline.example_spec(config)
-  chip = SingleDeviceSharding(device)
-  place = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=chip)
-  params = jax.tree.map(lambda x: place(x.shape, x.dtype), abstract_params(config.model))
-  pixels = lambda frames: dict(pixel_values=place(
-      (b, frames, example.image_size, example.image_size, 3), np.float32))
-  videos = pixels(example.num_frames) if example.num_frames else None
-  inputs = (place((b, prompt), np.int32), place((b, prompt), np.bool_),
-            pixels(example.image_frames), videos)
-  reports = []
-  start = time.perf_counter()
+def generation_reports(config: ml_collections.ConfigDict, topology: Topology, devices: list,
+                       placement_flags: tuple[str, str | None], hbm_bytes: int
+                       ) -> list[tuple[jax.stages.Compiled, dict]]:
+  """(compiled program, report) of greedy generation on `devices` (a serving slice): prefill and
+  decode of eval.batch_size requests, each one image of the data config's most crops (AnyRes,
+  and a video of its frames when the data has videos) and GENERATION_PROMPT_LEN text tokens,
+  answers of eval.max_new_tokens (else GENERATION_NEW_TOKENS); and decode at batch 1 when the
+  mesh does not split rows.
+
+  The model is laid out as `Generator.load(..., mesh, dtype)` lays it out (`placement_flags`),
+  with its layers unrolled: `cost_analysis()` counts a loop body once, and the decode loop's
+  body is then one token's whole step. Its bytes accessed per chip are set beside what that
+  step must read at least once: the program's arguments (the chip's parameters, KV cache and
+  visual memory).
+  """
   try:
-    programs = decode.programs(config.model, params, *inputs, max_new_tokens=new_tokens)
-    for name, lowered in zip(('prefill', 'decode'), programs):
-      compiled = lowered.compile()
-      flops, seconds = _cost(compiled)
-      reports.append((compiled, dict(
-          program=name, stage='generation', topology=f'one chip ({device.device_kind})',
-          chips=1, batch=b, prompt_len=prompt, new_tokens=new_tokens, **memory(compiled),
-          hbm_bytes=hbm_bytes, flops_per_chip_as_compiled=flops,
-          compiler_seconds_as_compiled=seconds, compile_seconds=time.perf_counter() - start)))
-      reports[-1][1]['fits'] = reports[-1][1]['peak_bytes'] <= hbm_bytes
-      start = time.perf_counter()
-  except (jax.errors.JaxRuntimeError, ValueError) as e:
-    raise CheckFailed(_compile_failure('generation', e)) from e
+    placement = serving.Placement.from_flags(*placement_flags, devices=devices)
+    model = placement.model(config.model)
+  except ValueError as e:
+    raise CheckFailed(f'generation: --serving_mesh: {e}') from e
+  model.scan_layers = False
+  params = placement.abstract_params(model)
+  example = pipeline.example_spec(config)
+  new_tokens = config.eval.max_new_tokens or GENERATION_NEW_TOKENS
+  split = NamedSharding(placement.mesh, PartitionSpec(sharding.BATCH))
+  replicated = NamedSharding(placement.mesh, PartitionSpec())
+  batches = [placement.rows(config.eval.batch_size)] + [1] * (placement.batch_shards == 1)
+  reports = []
+  for b in batches:
+    place = lambda shape, dtype: jax.ShapeDtypeStruct(  # pylint: disable=cell-var-from-loop
+        shape, dtype, sharding=split if b > 1 else replicated)
+    pixels = lambda frames: dict(pixel_values=place(  # pylint: disable=cell-var-from-loop
+        (b, frames, example.image_size, example.image_size, 3), np.uint8))
+    videos = pixels(example.num_frames) if example.num_frames else None
+    inputs = (place((b, GENERATION_PROMPT_LEN), np.int32),
+              place((b, GENERATION_PROMPT_LEN), np.bool_), pixels(example.image_frames), videos)
+    start = time.perf_counter()
+    try:
+      programs = decode.programs(model, params, *inputs, max_new_tokens=new_tokens,
+                                 placement=placement)
+      named = zip(('prefill', 'decode'), programs) if b > 1 else [('decode@1', programs[1])]
+      for name, lowered in named:
+        compiled = lowered.compile()
+        flops, seconds = _cost(compiled)
+        report = dict(
+            program=name, stage='generation', topology=topology.name, chips=len(devices),
+            mesh=dict(placement.mesh.shape), dtype=model.dtype, batch=b,
+            prompt_len=GENERATION_PROMPT_LEN, new_tokens=new_tokens, **memory(compiled),
+            hbm_bytes=hbm_bytes, flops_per_chip_as_compiled=flops,
+            compiler_seconds_as_compiled=seconds, compile_seconds=time.perf_counter() - start)
+        report['fits'] = report['peak_bytes'] <= hbm_bytes
+        if name != 'prefill':
+          report['bytes_accessed_per_token'] = compiled.cost_analysis().get('bytes accessed')
+          report['bytes_accessed_over_arguments'] = _ratio(report['bytes_accessed_per_token'],
+                                                           report['argument_bytes'])
+        reports.append((compiled, report))
+        start = time.perf_counter()
+    except (jax.errors.JaxRuntimeError, ValueError) as e:
+      raise CheckFailed(_compile_failure('generation', e)) from e
   return reports
 
 
 def check(config: ml_collections.ConfigDict, topology: Topology, stages: list[str] | None = None,
-          generation: bool = False, hbm_bytes: int | None = None):
-  """Compiles every selected stage's train step (and the generation programs) for `topology`.
+          generation: bool = False, hbm_bytes: int | None = None,
+          serving_topology: Topology | None = None,
+          serving_placement: tuple[str, str | None] = ('1,1,-1', 'bfloat16')):
+  """Compiles every selected stage's train step (default: all; [] for none) for `topology`,
+  and with `generation` the generation programs for `serving_topology` (default: one chip of
+  `topology`) laid out by `serving_placement` ((mesh, dtype) as `Generator.load` takes them).
 
   Returns [(compiled program, report dict)], one per program; a stage that does not compile
   gives (None, its identification with `error`, the message, and fits=False). Raises
@@ -276,26 +314,29 @@ def check(config: ml_collections.ConfigDict, topology: Topology, stages: list[st
         f'{topology.num_slices} slice(s) (--num_slices)')
   lavi_config.validate_model(config.model)
   all_stages = opt_lib.stages(config.train)
-  names = stages or [s.name for s in all_stages]
+  names = [s.name for s in all_stages] if stages is None else stages
   unknown = sorted(set(names) - {s.name for s in all_stages})
   if unknown:
     raise lavi_config.ConfigError(f'config.train.stage_order: has no stage {unknown} '
                                   f'(--stages); it has {[s.name for s in all_stages]}')
   devices = topology_devices(topology)
-  hbm_bytes = hbm_bytes or topology.hbm_bytes
+  train_hbm = hbm_bytes or topology.hbm_bytes
   mesh = sharding.make_mesh(config.mesh, devices)
   global_batch = lavi_config.global_batch_size(config, len(devices))
   out = []
   for stage in (s for s in all_stages if s.name in names):
     try:
-      out.append(stage_report(config, stage, mesh, global_batch, topology, hbm_bytes))
+      out.append(stage_report(config, stage, mesh, global_batch, topology, train_hbm))
     except CheckFailed as e:
       out.append((None, dict(program='train_step', stage=stage.name, topology=topology.name,
                              num_slices=topology.num_slices, chips=topology.num_chips,
                              mesh=dict(mesh.shape), global_batch=global_batch,
-                             hbm_bytes=hbm_bytes, fits=False, error=str(e))))
+                             hbm_bytes=train_hbm, fits=False, error=str(e))))
   if generation:
-    out += generation_reports(config, devices[0], hbm_bytes)
+    serving_devices = topology_devices(serving_topology) if serving_topology else devices[:1]
+    serving_topology = serving_topology or topology
+    out += generation_reports(config, serving_topology, serving_devices, serving_placement,
+                              hbm_bytes or serving_topology.hbm_bytes)
   return out
 
 
@@ -331,6 +372,13 @@ def format_table(reports: list[dict]) -> str:
                  f'{_maybe(r["flops_over_analytic"]):>7}'
                  f'{_maybe(r["flops_over_analytic_with_remat"]):>12}'
                  f'{r["kernel_calls_not_counted"]:>9}{r["compile_seconds"]:>10.0f}')
+  decodes = [r for r in reports if r.get('bytes_accessed_per_token') is not None]
+  if decodes:
+    lines += ['', f'{"decode, per token":<22}{"accessed":>10}{"arguments":>11}{"ratio":>7}'
+              f'{"batch":>7}', '-' * 57]
+    lines += [f'{r["stage"]}/{r["program"]:<11}{_gib(r["bytes_accessed_per_token"]):>10}'
+              f'{_gib(r["argument_bytes"]):>11}{_maybe(r["bytes_accessed_over_arguments"]):>7}'
+              f'{r["batch"]:>7}' for r in decodes]
   return '\n'.join(lines)
 
 
@@ -357,19 +405,27 @@ def main(argv):
   config = _CONFIG.value
   try:
     topology = parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+    serving_topology = parse_topology(_SERVING_TOPOLOGY.value) if _SERVING_TOPOLOGY.value else None
     results = check(config, topology, _STAGES.value, _GENERATION.value,
-                    int(_HBM_GIB.value * 2**30) or None)
+                    int(_HBM_GIB.value * 2**30) or None, serving_topology,
+                    (_SERVING_MESH.value, _SERVING_DTYPE.value))
   except (CheckFailed, ValueError) as e:  # ConfigError is a ValueError
     sys.exit(str(e))
   reports = [r for _, r in results]
-  header = (f'{config.model.llm.num_layers}-layer LLM, fusion {config.model.fusion}, remat '
-            f'{config.model.remat} on {topology.name} x {topology.num_slices} slice(s) = '
-            f'{topology.num_chips} chips, mesh {reports[0].get("mesh")}, global batch '
-            f'{reports[0].get("global_batch")}; GiB per chip')
-  print(header)
+  trains = [r for r in reports if r['program'] == 'train_step']
+  if trains:
+    print(f'{config.model.llm.num_layers}-layer LLM, fusion {config.model.fusion}, remat '
+          f'{config.model.remat} on {topology.name} x {topology.num_slices} slice(s) = '
+          f'{topology.num_chips} chips, mesh {trains[0]["mesh"]}, global batch '
+          f'{trains[0]["global_batch"]}; GiB per chip')
+  generations = [r for r in reports if r['stage'] == 'generation']
+  if generations:
+    g = generations[0]
+    print(f'Generation on {g["topology"]} ({g["chips"]} chip(s)), mesh {g["mesh"]}, {g["dtype"]}: '
+          f'{GENERATION_PROMPT_LEN} text tokens and one image per prompt, {g["new_tokens"]} new '
+          'tokens, layers unrolled (decode bytes: one token\'s step; arguments: the parameters, '
+          'KV cache and visual memory a chip holds); GiB per chip')
   print(format_table(reports))
-  if _GENERATION.value:
-    print('Generation programs are compiled for one chip (generation runs single-device).')
   if _JSON.value:
     with open(_JSON.value, 'w', encoding='utf-8') as f:
       json.dump(reports, f, indent=2)

@@ -98,18 +98,19 @@ def test_config_errors_name_the_key():
 
 def test_a_program_too_big_for_the_chip_exits_1(tmp_path):
   out = tmp_path / 'report.json'
-  result = subprocess.run(CLI + ['--hbm_gib=0.01', '--generation', f'--json={out}'],
+  result = subprocess.run(CLI + ['--hbm_gib=0.001', '--generation', f'--json={out}'],
                           capture_output=True, text=True, check=False)
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'stage train: the train step does not fit: it needs' in result.stderr
   assert 'generation: the prefill program does not fit' in result.stderr
   assert 'generation: the decode program does not fit' in result.stderr
+  assert 'generation: the decode@1 program does not fit' in result.stderr
   assert 'Traceback' not in result.stderr
-  assert result.stdout.count('  NO') == 3  # the table has the verdicts too
+  assert result.stdout.count('  NO') == 4  # the table has the verdicts too
   reports = json.loads(out.read_text())
-  assert [r['program'] for r in reports] == ['train_step', 'prefill', 'decode']
+  assert [r['program'] for r in reports] == ['train_step', 'prefill', 'decode', 'decode@1']
   assert not any(r['fits'] for r in reports)
-  assert all(r['hbm_bytes'] == int(0.01 * 2**30) for r in reports)
+  assert all(r['hbm_bytes'] == int(0.001 * 2**30) for r in reports)
 
 
 def test_a_compile_that_runs_out_of_hbm_exits_1():
@@ -143,3 +144,34 @@ def test_a_frozen_llm_is_counted_without_weight_gradients():
   config.train.stages.train.trainable = lavi_config.ALIGN_PARAMS
   [(_, report)] = compile_lib.check(config, compile_lib.parse_topology(TOPOLOGY))
   assert report['remat'] == 'none' and 0.95 < report['flops_over_analytic'] < 1.05, report
+
+
+def _generation(mesh: str, dtype: str, serving_topology: str | None = TOPOLOGY) -> dict[str, dict]:
+  """The generation programs' reports by name (serving_topology None: one chip)."""
+  results = compile_lib.check(
+      tiny_config(), compile_lib.parse_topology(TOPOLOGY), stages=[], generation=True,
+      serving_topology=serving_topology and compile_lib.parse_topology(serving_topology),
+      serving_placement=(mesh, dtype))
+  return {r['program']: r for _, r in results}
+
+
+def test_generation_compiles_split_over_a_serving_slice():
+  reports = _generation('2,1,2', 'bfloat16')  # rows over data, heads and MLP over tensor
+  assert list(reports) == ['prefill', 'decode']  # rows are split: no batch-1 decode
+  for r in reports.values():
+    assert r['chips'] == 4 and r['mesh'] == {'data': 2, 'fsdp': 1, 'tensor': 2}, r
+    assert r['dtype'] == 'bfloat16' and r['batch'] == 8 and r['fits']
+  assert reports['decode']['bytes_accessed_per_token'] > reports['decode']['argument_bytes']
+
+
+def test_bfloat16_serving_halves_what_a_decode_step_reads():
+  f32 = _generation('1,1,1', 'float32', None)['decode@1']
+  bf16 = _generation('1,1,1', 'bfloat16', None)['decode@1']
+  assert 0.45 < bf16['argument_bytes'] / f32['argument_bytes'] < 0.55
+  # (the tiny model's logits, sampling and norms stay float32)
+  assert bf16['bytes_accessed_per_token'] < 0.75 * f32['bytes_accessed_per_token']
+
+
+def test_a_serving_mesh_that_does_not_suit_the_model_is_named():
+  with pytest.raises(compile_lib.CheckFailed, match='--serving_mesh: a tensor axis of 4'):
+    _generation('1,1,-1', 'bfloat16')  # 4 chips over 2 KV heads

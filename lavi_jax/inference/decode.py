@@ -230,6 +230,5 @@ def programs(model: ml_collections.ConfigDict, params, input_ids, text_mask,
     prefill = _start.lower(model, params, input_ids, text_mask, images, videos, keys, settings,
                            max_new_tokens=max_new_tokens, keep_logits=False)
     state, memory = prefill.out_info
-    loop = _decode.lower(model, params, memory, state, keys, settings,
-                         jnp.int32(max_new_tokens))
+    loop = _decode.lower(model, params, memory, state, keys, settings, np.int32(max_new_tokens))
   return prefill, loop
