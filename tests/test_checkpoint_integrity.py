@@ -190,10 +190,12 @@ def test_init_from_refuses_a_corrupt_conversion(tmp_path):
   config = _config()
   converted = tmp_path / 'converted'
   from_hf.save_converted(converted, config.model, random_params(config.model))
-  ckpt_lib.write_manifest(converted)
   config.init_from = str(converted)
   shardings = loop.make_param_shardings(config, sharding.make_mesh(config.mesh))
   loop._initial_params(config, shardings)  # pylint: disable=protected-access
   name = _corrupt_largest(converted)
-  with pytest.raises(ckpt_lib.CorruptCheckpoint, match=f'init_from=.*{name}'):
+  with pytest.raises(ckpt_lib.CorruptCheckpoint, match=f'convert.from_hf output .*{name}'):
     loop._initial_params(config, shardings)  # pylint: disable=protected-access
+  for load in (Generator.load, to_torch.Source):
+    with pytest.raises(ckpt_lib.CorruptCheckpoint, match=name):
+      load(str(converted))

@@ -12,6 +12,7 @@ from flax import traverse_util
 from lavi_jax.convert import from_hf, hf, to_torch
 from lavi_jax.data import synthetic
 from lavi_jax.models import init_params
+from lavi_jax.train import checkpoint as ckpt_lib
 from tests.helpers import EXPORT_VARIANTS as VARIANTS
 from tests.helpers import random_params, tiny_config
 
@@ -114,6 +115,7 @@ def test_sharded_bf16_export(tmp_path, monkeypatch, caplog):
 
 def test_mismatched_checkpoint_is_refused(tmp_path):
   folder, model, _ = converted(tmp_path, tokenizer=False)
+  (folder / ckpt_lib.MANIFEST.format(0)).unlink()  # the config is edited by hand below
   stored = json.loads((folder / 'model_config.json').read_text())
   stored['llm']['intermediate_size'] = 100
   (folder / 'model_config.json').write_text(json.dumps(stored))

@@ -29,6 +29,7 @@ from lavi_jax import config as lavi_config
 from lavi_jax import paths
 from lavi_jax.convert import hf
 from lavi_jax import models
+from lavi_jax.train import checkpoint as ckpt_lib
 
 
 def import_hf(model: ml_collections.ConfigDict, llm: str | None = None, vision: str | None = None,
@@ -68,6 +69,7 @@ def save_converted(out_dir: str | epath.PathLike, model: ml_collections.ConfigDi
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(out / 'params', params)
   checkpointer.wait_until_finished()
+  ckpt_lib.write_manifest(out)
 
 
 def load_converted_model(out_dir: str | epath.PathLike) -> ml_collections.ConfigDict:
@@ -87,6 +89,7 @@ def load_converted(out_dir: str | epath.PathLike,
   """
   out = paths.absolute(out_dir)
   model = load_converted_model(out)
+  ckpt_lib.check_intact(out, f'convert.from_hf output {out}')
   if abstract_params is None:
     abstract_params = models.abstract_params(model)
   params = ocp.StandardCheckpointer().restore(out / 'params', abstract_params)

@@ -93,6 +93,7 @@ class Source:
         raise ValueError(f'{path}: a step is only for a training workdir, not a convert.from_hf '
                          'output')
       self.model = from_hf.load_converted_model(folder)
+      ckpt_lib.check_intact(folder, f'convert.from_hf output {folder}')
       self.run, self.directory, self.root = None, folder / 'params', ()
     else:
       self.run, self.directory = ckpt_lib.find_checkpoint(path, step)

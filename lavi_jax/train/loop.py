@@ -145,7 +145,6 @@ def _initial_params(config: ml_collections.ConfigDict, param_shardings):
   """Parameters from `config.init_from` (a convert.from_hf output), restored sharded."""
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(config.model), param_shardings)
-  ckpt_lib.check_intact(config.init_from, f'init_from={config.init_from}')
   stored_model, params = from_hf.load_converted(config.init_from, abstract)
   ckpt_lib.check_model_config(stored_model, config.model, f'init_from={config.init_from}')
   return params
