@@ -7,7 +7,7 @@ Four parts, one JSON report:
 - `flops`: counted at `--config` (below); `cache`: the KV cache and visual memory bytes of the
   same requests answered with 16 new tokens (the shapes of the lowered prefill's outputs).
 - `measured`: latency and memory of generation on this machine (`bench_latency`), LaVi and
-  concat each in a fresh process; `hf`: the same requests with Hugging Face LLaVA-OneVision
+  concat each in a fresh process, and LaVi in bfloat16 beside them; `hf`: the same requests with Hugging Face LLaVA-OneVision
   (`bench_hf`); `accelerator`: decode against the bandwidth bound and train MFU
   (`bench_accelerator`, null on the CPU); `targets`: the ratios against their targets.
 `--quick` measures configs/tiny.py with a few tokens (same schema; the processes then run side
@@ -265,6 +265,10 @@ def format_measured(report: dict[str, Any]) -> str:
       lavi, concat = (measured[f][b][f'cache_{n}']['total_bytes'] for f in ('viln', 'concat'))
       lines.append(f'  {"cache_" + n + " (MB)":<20}{lavi / 1e6:>10.3f}{concat / 1e6:>10.3f}'
                    f'{lavi / concat:>8.3f}')
+  lines.append(f'LaVi in bfloat16 / as measured ({measured["config"]["dtype"]}): ' + ', '.join(
+      f'batch {batch} {key} {row[key]:.3f}' for batch in bench_latency.BATCHES
+      for row in [measured['bfloat16_over_float32'][f'batch_{batch}']]
+      for key in ('ttft_s', 'decode_s_per_token', 'decode_memory_bytes')))
   rss = [measured[f]['peak_rss_bytes'] / 1e6 for f in ('viln', 'concat')]
   lines.append(f'peak RSS (MB)         {rss[0]:>10.0f}{rss[1]:>10.0f}{rss[0] / rss[1]:>8.3f}' +
                (f'{hf["peak_rss_bytes"] / 1e6:>10.0f}' if hf else ''))
@@ -300,8 +304,9 @@ def main(argv=None):
   report['measured'] = dict(
       config=bench_latency.model_sizes(model), settings=dict(run, batches=bench_latency.BATCHES),
       device=jax.devices()[0].device_kind, backend=jax.default_backend(),
-      viln=results['viln'], concat=results['concat'],
-      lavi_over_concat=bench_latency.ratios(results['viln'], results['concat']))
+      viln=results['viln'], concat=results['concat'], viln_bfloat16=results['viln_bfloat16'],
+      lavi_over_concat=bench_latency.ratios(results['viln'], results['concat']),
+      bfloat16_over_float32=bench_latency.ratios(results['viln_bfloat16'], results['viln']))
   if 'hf' in results:
     report['hf'] = dict(results['hf'], speedup=bench_hf.speedups(
         results['hf'], dict(viln=results['viln'], concat=results['concat'])))

@@ -188,7 +188,8 @@ def measure_fusion(model_dict: dict, fusion: str, run: dict[str, int]) -> dict[s
 
 
 def ratios(lavi: dict[str, Any], concat: dict[str, Any]) -> dict[str, Any]:
-  """LaVi / concat of every latency and of the cache and program memory bytes."""
+  """lavi / concat (two `measure_fusion` results) of every latency and of the cache and program
+  memory bytes."""
   out = {}
   for batch in BATCHES:
     a, b = lavi[f'batch_{batch}'], concat[f'batch_{batch}']
@@ -204,5 +205,11 @@ def ratios(lavi: dict[str, Any], concat: dict[str, Any]) -> dict[str, Any]:
 
 
 def measured_calls(model: ml_collections.ConfigDict, run: dict[str, int]):
-  """{fusion: (measure_fusion, args)} for `in_fresh_processes`."""
-  return {fusion: (measure_fusion, (model.to_dict(), fusion, run)) for fusion in ('viln', 'concat')}
+  """{name: (measure_fusion, args)} for `in_fresh_processes`: 'viln' and 'concat' as `model` is,
+  and 'viln_bfloat16', LaVi with parameters and computation in bfloat16 (as served with
+  `--dtype bfloat16`)."""
+  bf16 = ml_collections.ConfigDict(model.to_dict())
+  bf16.dtype = bf16.param_dtype = 'bfloat16'
+  calls = {fusion: (measure_fusion, (model.to_dict(), fusion, run)) for fusion in ('viln', 'concat')}
+  calls['viln_bfloat16'] = (measure_fusion, (bf16.to_dict(), 'viln', run))
+  return calls

@@ -70,6 +70,14 @@ def test_measured_latency_and_memory(report):
   lavi, concat = measured['viln'], measured['concat']
   assert lavi['batch_1']['cache_long']['kv_cache_bytes'] < concat['batch_1']['cache_long'][
       'kv_cache_bytes']
+  # bfloat16 beside float32 (tiny: float32): half the cache, and a decode program whose
+  # parameters and cache take half the bytes.
+  bf16 = measured['viln_bfloat16']
+  for batch in BATCHES:
+    assert bf16[batch]['cache_long']['kv_cache_bytes'] * 2 == lavi[batch]['cache_long'][
+        'kv_cache_bytes']
+    assert (bf16[batch]['memory']['decode']['argument_bytes'] <
+            0.55 * lavi[batch]['memory']['decode']['argument_bytes'])
   ratios = measured['lavi_over_concat']
   for batch in BATCHES:
     for k in LATENCIES:
