@@ -100,8 +100,9 @@ def forward_breakdown(model: ml_collections.ConfigDict, frames: int, video: bool
   model = ml_collections.ConfigDict(model.to_dict())
   model.dtype = 'bfloat16'
   pixels, n_visual = _visual_shapes(model, frames, video)
-  lavi = LaVi(model)
-  params = abstract_params(_with_layers(model, 1))
+  one_layer = _with_layers(model, 1)  # unscanned: cost_analysis counts a scanned ViT once
+  lavi = LaVi(one_layer)
+  params = abstract_params(one_layer)
   vis = model.vision
   features = jax.ShapeDtypeStruct(
       (frames, (vis.image_size // vis.patch_size) ** 2, vis.hidden_size * len(vis.feature_layers)),
@@ -115,7 +116,7 @@ def forward_breakdown(model: ml_collections.ConfigDict, frames: int, video: bool
       if video and vis.video_pool > 1:
         f = pool_grid(f, vis.video_pool)
       return m.projector(f)
-    return LaVi(_with_layers(model, 1)).apply({'params': p}, f, method=run)
+    return lavi.apply({'params': p}, f, method=run)
 
   vision_flops = _flops(vision, params, pixels)
   projector_flops = _flops(projector, params, features)
