@@ -59,7 +59,7 @@ _SAFETENSORS_CODES = {np.dtype(v): k for k, v in hf._SAFETENSORS_DTYPES.items()}
 READ_BYTES = 2 ** 29  # parameters restored together (512 MiB in their stored dtype)
 # The remote code of a fusion='viln' export (no JAX, no lavi_jax), copied next to the weights.
 HF_CODE = pathlib.Path(__file__).parent / 'hf_lavi'
-HF_CODE_FILES = ('configuration_lavi.py', 'modeling_lavi.py', 'processing_lavi.py')
+HF_CODE_FILES = ('configuration_lavi.py', 'modeling_lavi.py', 'processing_lavi.py', 'pixels.py')
 AUTO_MAP = {'AutoConfig': 'configuration_lavi.LaViConfig',
             'AutoModelForCausalLM': 'modeling_lavi.LaViForConditionalGeneration',
             'AutoModelForImageTextToText': 'modeling_lavi.LaViForConditionalGeneration',

@@ -16,16 +16,10 @@ from etils import epath
 from PIL import Image
 
 from lavi_jax.data.errors import DataError, describe
-from lavi_jax.data.image import resize
+from lavi_jax.convert.hf_lavi.pixels import resize, uniform_indices
 
 # A path, encoded bytes (any container PyAV reads) or uint8 frames (F, H, W, 3).
 VideoRef = Union[str, os.PathLike, bytes, np.ndarray]
-
-
-def uniform_indices(total: int, num_frames: int) -> np.ndarray:
-  """min(total, num_frames) frame indices spread evenly over [0, total - 1] (as LLaVA-OneVision:
-  linspace, rounded down)."""
-  return np.linspace(0, total - 1, min(total, num_frames)).astype(np.int64)
 
 
 @contextlib.contextmanager

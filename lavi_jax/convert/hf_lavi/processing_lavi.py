@@ -21,7 +21,6 @@ or lists of frames (then given per row: `videos=[[frames]]`).
 from __future__ import annotations
 
 import io
-import math
 import os
 
 import numpy as np
@@ -31,24 +30,9 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import ChannelDimension
 from transformers.processing_utils import ProcessorMixin
 
+from .pixels import DEFAULT_GRIDS, anyres_crops, resize, to_rgb, uniform_indices
+
 IMAGE_TOKEN, VIDEO_TOKEN = '<image>', '<video>'
-# LLaVA-OneVision's grid pinpoints up to 3 x 3 crops.
-DEFAULT_GRIDS = tuple((r, c) for r in range(1, 4) for c in range(1, 4))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-  """data.image.to_rgb: any Pillow mode -> 8-bit RGB (grey and palette expanded, transparency
-  composited on white, 16-bit scaled by 1/257)."""
-  if image.mode.startswith('I;16') or image.mode == 'I':
-    values = np.asarray(image, np.float64) / 257.0
-    image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), 'L')
-  if image.mode == 'P' and 'transparency' in image.info:
-    image = image.convert('RGBA')
-  if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-    rgba = image.convert('RGBA')
-    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert('RGB')
-  return image.convert('RGB')
 
 
 def decode_image(image) -> Image.Image:
@@ -61,52 +45,6 @@ def decode_image(image) -> Image.Image:
       image.load()
     image = ImageOps.exif_transpose(image)
   return to_rgb(image)
-
-
-def resize(image: Image.Image, side: int) -> np.ndarray:
-  """data.image.resize: RGB image -> (S, S, 3) uint8, bicubic."""
-  if image.size != (side, side):
-    image = image.resize((side, side), Image.Resampling.BICUBIC)
-  return np.asarray(image, np.uint8)
-
-
-def select_grid(width: int, height: int, grids, side: int) -> tuple[int, int]:
-  """data.image.select_grid (LLaVA-NeXT's select_best_resolution): the (rows, cols) grid that
-  keeps the most pixels of the scaled image, ties broken by the least padding, then by order."""
-  best, best_key = None, None
-  for rows, cols in grids:
-    scale = min(cols * side / width, rows * side / height)
-    effective = min(int(width * scale) * int(height * scale), width * height)
-    key = (effective, -(cols * side * rows * side - effective))
-    if best_key is None or key > best_key:
-      best, best_key = (rows, cols), key
-  return best
-
-
-def anyres_crops(image: Image.Image, side: int, grids, max_crops: int) -> np.ndarray:
-  """data.image.anyres_crops: the base crop, then the grid's crops row by row -> (n, S, S, 3)."""
-  base = resize(image, side)[None]
-  allowed = [g for g in grids if g[0] * g[1] + 1 <= max_crops]
-  if not allowed:
-    return base
-  width, height = image.size
-  rows, cols = select_grid(width, height, allowed, side)
-  target_w, target_h = cols * side, rows * side
-  if target_w / width < target_h / height:
-    new_w, new_h = target_w, min(math.ceil(height * target_w / width), target_h)
-  else:
-    new_w, new_h = min(math.ceil(width * target_h / height), target_w), target_h
-  canvas = Image.new('RGB', (target_w, target_h), (0, 0, 0))
-  canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC),
-               ((target_w - new_w) // 2, (target_h - new_h) // 2))
-  pixels = np.asarray(canvas, np.uint8)
-  crops = pixels.reshape(rows, side, cols, side, 3).transpose(0, 2, 1, 3, 4)
-  return np.concatenate([base, crops.reshape(rows * cols, side, side, 3)])
-
-
-def uniform_indices(total: int, num_frames: int) -> np.ndarray:
-  """data.video.uniform_indices: min(total, num_frames) indices, linspace rounded down."""
-  return np.linspace(0, total - 1, min(total, num_frames)).astype(np.int64)
 
 
 def decode_video(video, num_frames: int) -> np.ndarray:
