@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 
 import ml_collections
 
@@ -351,10 +352,49 @@ def global_batch_size(config: ml_collections.ConfigDict, num_devices: int | None
   return batch
 
 
+LORA_KEYS = ('targets', 'rank', 'alpha', 'dropout', 'quantize')
+LORA_QUANTIZE = ('none', 'int8')
+# LoRA targets for an LLM's attention and MLP projections (not the conditioners' q/o_proj).
+LLM_PROJECTIONS = r'^llm/layers.*/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$'
+
+
+def lora_config(targets: str = LLM_PROJECTIONS, rank: int = 64, alpha: float = 128.0,
+                quantize: str = 'none') -> ml_collections.ConfigDict:
+  """A stage's `lora` section: adapters of `rank` on the kernels `targets` matches (regex over
+  parameter paths), scaled by alpha / rank; quantize='int8' holds their frozen base in int8
+  (QLoRA)."""
+  return ml_collections.ConfigDict(dict(targets=targets, rank=rank, alpha=alpha, dropout=0.0,
+                                        quantize=quantize))
+
+
+def validate_lora(name: str, lora: ml_collections.ConfigDict):
+  """Checks `train.stages.NAME.lora`; raises ConfigError naming the bad key."""
+  key = f'train.stages.{name}.lora'
+  unknown = sorted(set(lora) - set(LORA_KEYS))
+  _check(not unknown, key, f'unknown keys {unknown}; the keys are {LORA_KEYS}')
+  missing = [k for k in LORA_KEYS if k not in lora]
+  _check(not missing, key, f'missing keys {missing} (start from lavi_jax.config.lora_config())')
+  _check(isinstance(lora.rank, int) and lora.rank > 0, f'{key}.rank',
+         f'must be a positive integer, got {lora.rank!r}')
+  _check(lora.alpha > 0, f'{key}.alpha', f'must be positive, got {lora.alpha}')
+  _check(lora.dropout == 0, f'{key}.dropout', f'only 0 is supported, got {lora.dropout}')
+  _check(lora.quantize in LORA_QUANTIZE, f'{key}.quantize',
+         f'{lora.quantize!r} is not one of {LORA_QUANTIZE}')
+  _check(isinstance(lora.targets, str) and bool(lora.targets), f'{key}.targets',
+         'must be a non-empty regex over parameter paths')
+  try:
+    re.compile(lora.targets)
+  except re.error as e:
+    raise ConfigError(f'config.{key}.targets: {lora.targets!r} is not a regex: {e}') from e
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> int:
-  """Checks a whole run config (model; mesh and batch against `num_devices`, default: the
-  devices at hand). Returns the global batch size."""
+  """Checks a whole run config (model; stages' LoRA; mesh and batch against `num_devices`,
+  default: the devices at hand). Returns the global batch size."""
   validate_model(config.model)
+  for name, stage in config.train.stages.items():
+    if stage.get('lora'):
+      validate_lora(name, stage.lora)
   _check(config.eval.dtype in ('',) + DTYPES, 'eval.dtype',
          f'{config.eval.dtype!r} is not one of {DTYPES} (or \'\': the model\'s)')
   return global_batch_size(config, num_devices)

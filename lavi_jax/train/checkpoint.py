@@ -40,6 +40,8 @@ from jax.experimental import multihost_utils
 
 from lavi_jax import config as lavi_config
 from lavi_jax import models
+from lavi_jax.train import lora as lora_lib
+from lavi_jax.train import optimizer as opt_lib
 from lavi_jax.train.state import TrainState
 
 
@@ -339,7 +341,8 @@ def find_checkpoint(workdir: str, step: int | None = None
 def load_params(workdir: str, step: int | None = None,
                 abstract_params=None) -> tuple[ml_collections.ConfigDict, Any]:
   """(run config, parameters) of checkpoint `step` (default: the latest) of a training workdir,
-  without the optimizer or data state.
+  without the optimizer or data state. A checkpoint taken in a LoRA stage gives the weights
+  with its adapters merged in (lavi_jax.train.lora.merge).
 
   `abstract_params`: ShapeDtypeStructs with shardings to restore onto (default: the stored
   model's shapes on the default device).
@@ -347,13 +350,24 @@ def load_params(workdir: str, step: int | None = None,
   config, state = find_checkpoint(workdir, step)
   if abstract_params is None:
     abstract_params = models.abstract_params(config.model)
+  spec = lora_stage(config, int(state.parent.name))
+  if spec is not None:
+    abstract_params = lora_lib.abstract(abstract_params, spec)
   item = {'params': abstract_params}
   restored = ocp.PyTreeCheckpointer().restore(
       state,
       args=ocp.args.PyTreeRestore(item=item,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True))
+  if spec is not None:
+    return config, lora_lib.merge(restored['params'], spec)
   return config, restored['params']
+
+
+def lora_stage(config: ml_collections.ConfigDict, step: int) -> lora_lib.Lora | None:
+  """The LoRA settings of the stage a checkpoint at `step` was taken in (None without LoRA)."""
+  stage = opt_lib.stage_at(config.train, max(step - 1, 0)) or opt_lib.stages(config.train)[-1]
+  return lora_lib.of_stage(stage.config)
 
 
 def _as_dict(state: TrainState) -> dict[str, Any]:

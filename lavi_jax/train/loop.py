@@ -30,6 +30,7 @@ from lavi_jax.data.errors import DataError
 from lavi_jax.models import abstract_params, init_params
 from lavi_jax.train import checkpoint as ckpt_lib
 from lavi_jax.train import flops as flops_lib
+from lavi_jax.train import lora as lora_lib
 from lavi_jax.train import optimizer as opt_lib
 from lavi_jax.train import state as state_lib
 from lavi_jax.train import step as step_lib
@@ -93,7 +94,7 @@ def jit_train_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh
                    param_shardings) -> tuple[Callable, state_lib.TrainState]:
   """(the jitted train step of `stage`, state donated; the abstract sharded state it takes)."""
   abstract, shardings = state_lib.state_shardings(config, stage, mesh, param_shardings)
-  trainable, _ = opt_lib.split(abstract.params, stage.config.trainable)
+  trainable, _ = opt_lib.split(abstract.params, lora_lib.trainable_regex(stage.config))
   tx = opt_lib.make_optimizer(stage, config.train, trainable)
   replicated = NamedSharding(mesh, PartitionSpec())
   step = jax.jit(step_lib.make_train_step(config, stage, tx), donate_argnums=0,
@@ -207,7 +208,7 @@ class Trainer:
         stage = opt_lib.stage_at(self.config.train, step)
         if stage.index != self.optimizer_stage.index:
           self.state = state_lib.with_stage_optimizer(self.state, self.config, stage, self.mesh,
-                                                      self.param_shardings)
+                                                      self.param_shardings, self.optimizer_stage)
           self.optimizer_stage = stage
         step, stopped = self._run_stage(stage, step, stop, progress, peak)
       self.checkpointer.wait()

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lavi_jax import sharding
 from lavi_jax.models import abstract_params, init_params
+from lavi_jax.train import lora as lora_lib
 from lavi_jax.train import optimizer as opt_lib
 
 
@@ -43,8 +44,13 @@ def state_shardings(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mes
                     param_shardings) -> tuple[TrainState, TrainState]:
   """(abstract state, shardings) of a TrainState at `stage`, without allocating anything."""
   params = abstract_params(config.model)
-  trainable, _ = opt_lib.split(params, stage.config.trainable)
-  train_shardings, _ = opt_lib.split(param_shardings, stage.config.trainable)
+  spec = lora_lib.of_stage(stage.config)
+  if spec is not None:
+    param_shardings = lora_lib.shardings(param_shardings, params, spec)
+    params = lora_lib.abstract(params, spec)
+  regex = lora_lib.trainable_regex(stage.config)
+  trainable, _ = opt_lib.split(params, regex)
+  train_shardings, _ = opt_lib.split(param_shardings, regex)
   tx = opt_lib.make_optimizer(stage, config.train, trainable)
   abstract_opt = jax.eval_shape(tx.init, trainable)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -76,9 +82,26 @@ def create(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh: Mesh, 
 
 
 def with_stage_optimizer(state: TrainState, config, stage: opt_lib.Stage, mesh: Mesh,
-                         param_shardings) -> TrainState:
-  """`state` with a fresh optimizer state for `stage`'s trainable parameters."""
-  trainable, _ = opt_lib.split(state.params, stage.config.trainable)
-  train_shardings, _ = opt_lib.split(param_shardings, stage.config.trainable)
+                         param_shardings, previous: opt_lib.Stage | None = None) -> TrainState:
+  """`state` with a fresh optimizer state for `stage`'s trainable parameters.
+
+  The `previous` stage's LoRA adapters (if any) are merged into the weights, and `stage`'s (if
+  any) attached fresh (lavi_jax.train.lora). `param_shardings`: the model's parameters'.
+  """
+  params = state.params
+  old = lora_lib.of_stage(previous.config) if previous is not None else None
+  if old is not None:
+    params = jax.jit(functools.partial(lora_lib.merge, spec=old),
+                     out_shardings=param_shardings)(params)
+  spec = lora_lib.of_stage(stage.config)
+  if spec is not None:
+    param_shardings = lora_lib.shardings(param_shardings, params, spec)
+    rng = jax.random.fold_in(jax.random.key(config.seed), stage.index)
+    params = jax.jit(lambda p, r: lora_lib.attach(p, spec, r),
+                     out_shardings=param_shardings)(params, rng)
+  regex = lora_lib.trainable_regex(stage.config)
+  trainable, _ = opt_lib.split(params, regex)
+  train_shardings, _ = opt_lib.split(param_shardings, regex)
   tx = opt_lib.make_optimizer(stage, config.train, trainable)
-  return state.replace(opt_state=init_opt_state(tx, trainable, train_shardings, mesh))
+  return state.replace(params=params,
+                       opt_state=init_opt_state(tx, trainable, train_shardings, mesh))

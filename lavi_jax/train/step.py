@@ -19,6 +19,7 @@ import optax
 
 from lavi_jax import sharding
 from lavi_jax.models import LaVi
+from lavi_jax.train import lora as lora_lib
 from lavi_jax.train import loss as loss_lib
 from lavi_jax.train import optimizer as opt_lib
 from lavi_jax.train.state import TrainState
@@ -80,17 +81,23 @@ def make_train_step(config: ml_collections.ConfigDict, stage: opt_lib.Stage,
                     tx: optax.GradientTransformation) -> Callable[[TrainState, Any], Any]:
   """train_step(state, batch) -> (state, metrics) for one stage (not jitted here).
 
-  Gradients flow only to the stage's trainable parameters; the loss is the mean over all loss
+  Gradients flow only to the stage's trainable parameters (with LoRA: its adapters, merged into
+  the frozen targets before the model runs, and its `trainable` non-targets); the loss is the mean over all loss
   tokens of the global batch, however it is split into accumulation steps.
   """
   model = LaVi(config.model)
   steps = config.train.accumulation_steps
   schedule = opt_lib.learning_rate_schedule(stage, config.train)
+  spec = lora_lib.of_stage(stage.config)
+
+  def model_params(trainable, frozen):
+    params = opt_lib.merge(trainable, frozen)
+    return params if spec is None else lora_lib.merge(params, spec)
 
   def train_step(state: TrainState, batch):
-    trainable, frozen = opt_lib.split(state.params, stage.config.trainable)
+    trainable, frozen = opt_lib.split(state.params, lora_lib.trainable_regex(stage.config))
     grad_fn = jax.value_and_grad(
-        lambda t, b: loss_sums(model, opt_lib.merge(t, frozen), b, config.train.loss_chunk),
+        lambda t, b: loss_sums(model, model_params(t, frozen), b, config.train.loss_chunk),
         has_aux=True)
 
     def accumulate(carry, micro):
