@@ -60,7 +60,7 @@ def _flops(fn: Callable, *abstract_args) -> float:
 def _with_layers(model: ml_collections.ConfigDict, layers: int) -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict(model.to_dict())
   model.llm.num_layers = layers
-  model.scan_layers = False
+  model.scan_layers = model.vision.scan_layers = False
   model.viln.kv_groups = 1
   model.viln.layers = ()
   return model
@@ -100,7 +100,7 @@ def forward_breakdown(model: ml_collections.ConfigDict, frames: int, video: bool
   model = ml_collections.ConfigDict(model.to_dict())
   model.dtype = 'bfloat16'
   pixels, n_visual = _visual_shapes(model, frames, video)
-  one_layer = _with_layers(model, 1)  # unscanned: cost_analysis counts a scanned ViT once
+  one_layer = _with_layers(model, 1)  # unscanned: cost_analysis counts a loop body once
   lavi = LaVi(one_layer)
   params = abstract_params(one_layer)
   vis = model.vision

@@ -253,7 +253,7 @@ def generation_reports(config: ml_collections.ConfigDict, topology: Topology, de
     model = placement.model(config.model)
   except ValueError as e:
     raise CheckFailed(f'generation: --serving_mesh: {e}') from e
-  model.scan_layers = False
+  model.scan_layers = model.vision.scan_layers = False
   params = placement.abstract_params(model)
   example = pipeline.example_spec(config)
   new_tokens = config.eval.max_new_tokens or GENERATION_NEW_TOKENS

@@ -65,6 +65,9 @@ def base_model_config() -> ml_collections.ConfigDict:
           num_heads=16,
           layer_norm_eps=1e-6,
           feature_layers=(-2,),  # indices into (embeddings, layer 1, ..., layer L)
+          # lax.scan over the ViT's layers (parameter layout unchanged): less memory at one row
+          # per chip, more at several (README, Compile check)
+          scan_layers=False,
           video_pool=2,  # bilinear down-scaling of each frame's token grid (1: none)
       ),
       projector=dict(

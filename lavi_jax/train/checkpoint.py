@@ -192,7 +192,7 @@ def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:
   return out
 
 
-EXECUTION_KEYS = ('model.attention', 'model.attention_block')
+EXECUTION_KEYS = ('model.attention', 'model.attention_block', 'model.vision.scan_layers')
 
 
 def model_config_differences(stored: dict | ml_collections.ConfigDict,
