@@ -48,11 +48,14 @@ def get_config(arg=None):
       # The vision-to-LLM bridge alone (projector, frame-index embedding, conditioners), at
       # LLaVA's projector rate: the conditioners start at zero, the rest of LaVi is pretrained.
       align=dict(steps=1100, trainable=lavi_config.ALIGN_PARAMS, learning_rate=1e-3,
-                 warmup_steps=33, lr_scale=''),
+                 warmup_steps=33, lr_scale='', lora=lavi_config.lora_config(rank=0)),
       # Everything, at LLaVA-OneVision's rates: 1e-5 for the LLM and the bridge, the ViT at a
       # fifth of it (2e-6).
       finetune=dict(steps=6500, trainable=lavi_config.ALIGN_PARAMS + '|^llm/|^vit/',
-                    learning_rate=1e-5, warmup_steps=200, lr_scale='^vit/=0.2'),
+                    learning_rate=1e-5, warmup_steps=200, lr_scale='^vit/=0.2',
+                    # LoRA / QLoRA instead (lavi_jax/train/lora.py): lora.rank=64 (and
+                    # lora.quantize=int8), with trainable=ALIGN_PARAMS
+                    lora=lavi_config.lora_config(rank=0)),
   )
   config.train.weight_decay = 0.0  # as LLaVA
   config.mesh.update(data=1, fsdp=-1, tensor=1, rules='fsdp')  # parameters over all chips

@@ -41,7 +41,8 @@ def get_config(arg=None):
   config.train.stages = dict(train=dict(
       steps=5000, trainable='.*', learning_rate=2e-3, warmup_steps=100,
       lr_scale='embed_tokens=0.05,conditioner|viln_context|position_embedding=2,'
-               'patch_embedding=0.25'))
+               'patch_embedding=0.25',
+      lora=lavi_config.lora_config(rank=0)))
   config.train.weight_decay = 0.01
   config.train.log_every = 25
   config.checkpoint.every = 1000  # fewer saves: each costs time in a ~6 minute run

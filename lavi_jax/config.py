@@ -128,6 +128,21 @@ def base_data_config() -> ml_collections.ConfigDict:
   ))
 
 
+LORA_KEYS = ('targets', 'rank', 'alpha', 'dropout', 'quantize')
+LORA_QUANTIZE = ('none', 'int8')
+# LoRA targets for an LLM's attention and MLP projections (not the conditioners' q/o_proj).
+LLM_PROJECTIONS = r'^llm/layers.*/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$'
+
+
+def lora_config(targets: str = LLM_PROJECTIONS, rank: int = 64, alpha: float = 128.0,
+                quantize: str = 'none') -> ml_collections.ConfigDict:
+  """A stage's `lora` section: adapters of `rank` on the kernels `targets` matches (regex over
+  parameter paths), scaled by alpha / rank; quantize='int8' holds their frozen base in int8
+  (QLoRA). rank=0: off (the section is there so that command-line flags can turn it on)."""
+  return ml_collections.ConfigDict(dict(targets=targets, rank=rank, alpha=alpha, dropout=0.0,
+                                        quantize=quantize))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """A whole run config with model defaults; configs/*.py start from this."""
   return ml_collections.ConfigDict(dict(
@@ -144,13 +159,14 @@ def base_config() -> ml_collections.ConfigDict:
       train=dict(
           # Stages run in this order; each names its trainable parameters by a regex over
           # parameter paths like 'llm/layers/layer_0/self_attn/q_proj/kernel'. Frozen
-          # parameters get no gradient and no optimizer state.
+          # parameters get no gradient and no optimizer state. `lora` (rank > 0: on; see
+          # lora_config) trains low-rank adapters of its target kernels, which stay frozen.
           stage_order=('align', 'finetune'),
           stages=dict(
               align=dict(steps=1000, trainable=ALIGN_PARAMS, learning_rate=1e-3,
-                         warmup_steps=30, lr_scale=''),
+                         warmup_steps=30, lr_scale='', lora=lora_config(rank=0)),
               finetune=dict(steps=2000, trainable=ALIGN_PARAMS + '|^llm/', learning_rate=2e-5,
-                            warmup_steps=60, lr_scale=''),
+                            warmup_steps=60, lr_scale='', lora=lora_config(rank=0)),
           ),
           b1=0.9,
           b2=0.95,
@@ -355,21 +371,6 @@ def global_batch_size(config: ml_collections.ConfigDict, num_devices: int | None
   return batch
 
 
-LORA_KEYS = ('targets', 'rank', 'alpha', 'dropout', 'quantize')
-LORA_QUANTIZE = ('none', 'int8')
-# LoRA targets for an LLM's attention and MLP projections (not the conditioners' q/o_proj).
-LLM_PROJECTIONS = r'^llm/layers.*/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$'
-
-
-def lora_config(targets: str = LLM_PROJECTIONS, rank: int = 64, alpha: float = 128.0,
-                quantize: str = 'none') -> ml_collections.ConfigDict:
-  """A stage's `lora` section: adapters of `rank` on the kernels `targets` matches (regex over
-  parameter paths), scaled by alpha / rank; quantize='int8' holds their frozen base in int8
-  (QLoRA)."""
-  return ml_collections.ConfigDict(dict(targets=targets, rank=rank, alpha=alpha, dropout=0.0,
-                                        quantize=quantize))
-
-
 def validate_lora(name: str, lora: ml_collections.ConfigDict):
   """Checks `train.stages.NAME.lora`; raises ConfigError naming the bad key."""
   key = f'train.stages.{name}.lora'
@@ -377,8 +378,8 @@ def validate_lora(name: str, lora: ml_collections.ConfigDict):
   _check(not unknown, key, f'unknown keys {unknown}; the keys are {LORA_KEYS}')
   missing = [k for k in LORA_KEYS if k not in lora]
   _check(not missing, key, f'missing keys {missing} (start from lavi_jax.config.lora_config())')
-  _check(isinstance(lora.rank, int) and lora.rank > 0, f'{key}.rank',
-         f'must be a positive integer, got {lora.rank!r}')
+  _check(isinstance(lora.rank, int) and lora.rank >= 0, f'{key}.rank',
+         f'must be an integer >= 0 (0: off), got {lora.rank!r}')
   _check(lora.alpha > 0, f'{key}.alpha', f'must be positive, got {lora.alpha}')
   _check(lora.dropout == 0, f'{key}.dropout', f'only 0 is supported, got {lora.dropout}')
   _check(lora.quantize in LORA_QUANTIZE, f'{key}.quantize',
@@ -396,7 +397,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   default: the devices at hand). Returns the global batch size."""
   validate_model(config.model)
   for name, stage in config.train.stages.items():
-    if stage.get('lora'):
+    if 'lora' in stage:
       validate_lora(name, stage.lora)
   _check(config.eval.dtype in ('',) + DTYPES, 'eval.dtype',
          f'{config.eval.dtype!r} is not one of {DTYPES} (or \'\': the model\'s)')

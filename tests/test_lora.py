@@ -187,15 +187,28 @@ def test_checkpoint_keeps_adapters_and_load_params_merges(tmp_path):
 
 def test_lora_config_errors_name_the_key():
   config = _lora_config()
-  config.train.stages.train.lora.rank = 0
+  config.train.stages.train.lora.rank = -1
   with pytest.raises(lavi_config.ConfigError, match=r'train\.stages\.train\.lora\.rank'):
-    lavi_config.validate(config)
+    lavi_config.validate(config, num_devices=1)
   config = _lora_config()
   config.train.stages.train.lora.quantize = 'nf4'
   with pytest.raises(lavi_config.ConfigError, match=r'lora\.quantize'):
-    lavi_config.validate(config)
+    lavi_config.validate(config, num_devices=1)
   config = _lora_config()
   config.train.stages.train.lora.targets = 'conditioner/.*/bias'
   with pytest.raises(ValueError, match='only dense kernels'):
     lora_lib.attach(random_params(config.model), lora_lib.of_stage(config.train.stages.train),
                     jax.random.key(0))
+
+
+def test_recipes_carry_a_lora_section_that_flags_turn_on():
+  """Every stage of the recipes has `lora` (rank 0: off), so --config.train.stages.NAME.lora.*
+  flags can turn it on."""
+  for path in ('configs/tiny.py', 'configs/7b.py'):
+    config = lavi_config.load_config_file(path)
+    for name, stage in config.train.stages.items():
+      assert lora_lib.of_stage(stage) is None, (path, name)
+      stage.lora.update(rank=64, quantize='int8')
+      lavi_config.validate_lora(name, stage.lora)
+      assert lora_lib.of_stage(stage) == lora_lib.Lora(lavi_config.LLM_PROJECTIONS, 64, 128.0,
+                                                       'int8')
