@@ -133,6 +133,8 @@ def test_only_adapters_and_named_parameters_train():
              if hasattr(s, 'mu')]
   assert moments and all(set(m.mu) == set(trainable) for m in moments)
   assert all(np.isfinite(losses))
+  # The analytic FLOPs count the LLM's weight gradients (the step forms them for the targets).
+  assert loop.llm_trained(state.params, opt_lib.stages(config.train)[0])
 
 
 def test_qlora_int8_base_is_close_and_trains():

@@ -130,16 +130,23 @@ def analytic_step_flops(config: ml_collections.ConfigDict, stage: opt_lib.Stage,
                                     llm_trained(params, stage))
 
 
+def _trained_paths(params, stage: opt_lib.Stage) -> list[str]:
+  """Paths `stage` trains; a LoRA adapter counts as its target's path (the step forms the
+  target's full weight gradient, lavi_jax.train.lora)."""
+  trainable, _ = opt_lib.split(params, lora_lib.trainable_regex(stage.config))
+  return [k.removeprefix(lora_lib.ROOT + '/') for k in trainable]
+
+
 def vit_trained(params, stage: opt_lib.Stage) -> bool:
   """Whether `stage` trains any ViT parameter."""
-  return any(k.startswith('vit/') for k in opt_lib.split(params, stage.config.trainable)[0])
+  return any(k.startswith('vit/') for k in _trained_paths(params, stage))
 
 
 def llm_trained(params, stage: opt_lib.Stage) -> bool:
   """Whether `stage` trains any of the LLM's own matrices (its conditioners aside)."""
   return any(k.startswith('llm/') and '/conditioner/' not in k and k.endswith(('kernel',
                                                                             'embedding'))
-             for k in opt_lib.split(params, stage.config.trainable)[0])
+             for k in _trained_paths(params, stage))
 
 
 def _initial_params(config: ml_collections.ConfigDict, param_shardings):
