@@ -214,3 +214,21 @@ def test_recipes_carry_a_lora_section_that_flags_turn_on():
       lavi_config.validate_lora(name, stage.lora)
       assert lora_lib.of_stage(stage) == lora_lib.Lora(lavi_config.LLM_PROJECTIONS, 64, 128.0,
                                                        'int8')
+
+
+def test_next_stage_starts_from_the_merged_weights():
+  """A LoRA stage followed by a full one: the adapters are merged in and dropped."""
+  config = _lora_config(**SCANNED)
+  config.train.stage_order = ('train', 'full')
+  config.train.stages.full = dict(steps=2, trainable='.*', learning_rate=1e-3, warmup_steps=1,
+                                  lr_scale='')
+  lora_stage, full_stage = opt_lib.stages(config.train)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  state, param_shardings = state_lib.create(config, lora_stage, mesh, jax.random.key(0))
+  spec = lora_lib.of_stage(lora_stage.config)
+  state = state.replace(params=_random_adapters(state.params, spec))
+  expected = jax.device_get(lora_lib.merge(state.params, spec))
+  state = state_lib.with_stage_optimizer(state, config, full_stage, mesh, param_shardings,
+                                         previous=lora_stage)
+  assert 'lora' not in state.params
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), expected)
