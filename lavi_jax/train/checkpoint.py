@@ -82,11 +82,15 @@ def _writer(name: str, process_count: int) -> int:
 def _files(folder: epath.Path) -> dict[str, epath.Path]:
   """{name relative to `folder`: path} of the files under `folder`, checksum manifests aside."""
   out = {}
-  for directory, _, names in folder.walk():
-    for name in names:
-      if not name.startswith(_MANIFEST_PREFIX):
-        path = directory / name
-        out[str(path.relative_to(folder))] = path
+
+  def visit(directory: epath.Path, prefix: str):  # iterdir keeps URLs (gs://) whole
+    for child in directory.iterdir():
+      if child.is_dir():
+        visit(child, f'{prefix}{child.name}/')
+      elif not child.name.startswith(_MANIFEST_PREFIX):
+        out[prefix + child.name] = child
+
+  visit(folder, '')
   return out
 
 
