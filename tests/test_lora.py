@@ -8,6 +8,7 @@ import pytest
 
 from lavi_jax import config as lavi_config
 from lavi_jax import sharding
+from lavi_jax.convert import hf, to_torch
 from lavi_jax.models import LaVi
 from lavi_jax.train import checkpoint as ckpt_lib
 from lavi_jax.train import lora as lora_lib
@@ -185,6 +186,8 @@ def test_checkpoint_keeps_adapters_and_load_params_merges(tmp_path):
   spec = lora_lib.of_stage(config.train.stages.train)
   expected = jax.device_get(lora_lib.merge(trained, spec))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), loaded, expected)
+  with pytest.raises(hf.ConversionError, match='checkpoint 5 was taken in a LoRA stage'):
+    to_torch.Source(str(tmp_path))
 
 
 def test_lora_config_errors_name_the_key():

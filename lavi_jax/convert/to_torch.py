@@ -98,6 +98,12 @@ class Source:
     else:
       self.run, self.directory = ckpt_lib.find_checkpoint(path, step)
       self.model, self.root = self.run.model, ('params',)
+      taken_at = int(self.directory.parent.name)
+      if ckpt_lib.lora_stage(self.run, taken_at):
+        raise hf.ConversionError(
+            f'{path}: checkpoint {taken_at} was taken in a LoRA stage; exporting LoRA adapters '
+            '(merged or PEFT-style) is not supported yet. Export a checkpoint of a later stage '
+            '(it starts from the merged weights), or generate / evaluate from this one.')
     self.path = path
     tree = ocp.PyTreeCheckpointer().metadata(self.directory).item_metadata.tree
     for key in self.root:
