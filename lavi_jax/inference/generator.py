@@ -50,7 +50,7 @@ def load_checkpoint(path: str, placement: Placement | None = None
   if from_hf.checkpoint_kind(path) == 'converted':
     model, run_config = from_hf.load_converted_model(path), None
   else:
-    run_config, _ = ckpt_lib.find_checkpoint(path)
+    run_config, state = ckpt_lib.find_checkpoint(path)  # verified here, once
     model = run_config.model
   abstract = None
   if placement is not None:
@@ -59,7 +59,7 @@ def load_checkpoint(path: str, placement: Placement | None = None
   if run_config is None:
     _, params = from_hf.load_converted(path, abstract)
   else:
-    _, params = ckpt_lib.load_params(path, abstract_params=abstract)
+    params = ckpt_lib.read_params(run_config, state, abstract)
   return model, params, run_config
 
 

@@ -352,6 +352,12 @@ def load_params(workdir: str, step: int | None = None,
   model's shapes on the default device).
   """
   config, state = find_checkpoint(workdir, step)
+  return config, read_params(config, state, abstract_params)
+
+
+def read_params(config: ml_collections.ConfigDict, state: epath.Path, abstract_params=None):
+  """The parameters in the train-state folder `state` that `find_checkpoint` gave with `config`
+  (adapters merged, `abstract_params` as for `load_params`); no second verification."""
   if abstract_params is None:
     abstract_params = models.abstract_params(config.model)
   spec = lora_stage(config, int(state.parent.name))
@@ -364,8 +370,8 @@ def load_params(workdir: str, step: int | None = None,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True))
   if spec is not None:
-    return config, lora_lib.merge(restored['params'], spec)
-  return config, restored['params']
+    return lora_lib.merge(restored['params'], spec)
+  return restored['params']
 
 
 def lora_stage(config: ml_collections.ConfigDict, step: int) -> lora_lib.Lora | None:
