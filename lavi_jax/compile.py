@@ -12,7 +12,7 @@ fit its chip, does not compile, or the config does not suit the mesh.
 
 FLOPs: `cost_analysis()` counts a loop body once (the scanned LLM layers, the chunked loss, the
 accumulated micro-batches), so the whole step's FLOPs are read from the optimised program itself
-(`lavi_jax.compiled_flops`: every dot and convolution, loops times their trip counts) and set
+(`lavi_jax.compiled_cost`: every dot and convolution, loops times their trip counts) and set
 beside the trainer's analytic FLOPs for MFU, without and with the forward work that remat='full'
 recomputes. Attention kernels (splash on TPU) are left out of the count, and their calls counted
 (--config.model.attention=xla compiles einsum attention instead). The compiler's time estimate
@@ -37,7 +37,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from ml_collections import config_flags
 
-from lavi_jax import compiled_flops as compiled_flops_lib
+from lavi_jax import compiled_cost
 from lavi_jax import config as lavi_config
 from lavi_jax import sharding
 from lavi_jax.data import pipeline
@@ -158,10 +158,11 @@ def memory(compiled: jax.stages.Compiled) -> dict[str, int]:
   return out
 
 
-def _cost(compiled: jax.stages.Compiled) -> tuple[float, float | None]:
-  """(FLOPs, the compiler's seconds estimate or None) per chip, loop bodies counted once."""
+def _cost(compiled: jax.stages.Compiled) -> tuple[float, float | None, float | None]:
+  """(FLOPs, the compiler's seconds estimate or None, bytes accessed in every memory space or
+  None) per chip, loop bodies counted once."""
   cost = compiled.cost_analysis()
-  return cost.get('flops', 0.0), cost.get('optimal_seconds')
+  return cost.get('flops', 0.0), cost.get('optimal_seconds'), cost.get('bytes accessed')
 
 
 def _abstract_batch(config: ml_collections.ConfigDict, global_batch: int, mesh) -> dict[str, Any]:
@@ -210,9 +211,9 @@ def stage_report(config: ml_collections.ConfigDict, stage: opt_lib.Stage, mesh, 
   recomputed = flops_lib.recomputed_forward_flops(config.model,
                                                   loop.vit_trained(state.params, stage), **dims)
   with_remat = None if recomputed is None else analytic + recomputed
-  per_chip, kernel_calls = compiled_flops_lib.count(compiled.as_text())
+  per_chip, kernel_calls = compiled_cost.count(compiled.as_text())
   compiled_flops = per_chip * topology.num_chips
-  as_compiled, compiler_as_compiled = _cost(compiled)
+  as_compiled, compiler_as_compiled, _ = _cost(compiled)
   report = dict(
       program='train_step', stage=stage.name, topology=topology.name,
       num_slices=topology.num_slices, chips=topology.num_chips,
@@ -243,10 +244,11 @@ def generation_reports(config: ml_collections.ConfigDict, topology: Topology, de
   mesh does not split rows.
 
   The model is laid out as `Generator.load(..., mesh, dtype)` lays it out (`placement_flags`),
-  with its layers unrolled: `cost_analysis()` counts a loop body once, and the decode loop's
-  body is then one token's whole step. Its bytes accessed per chip are set beside what that
-  step must read at least once: the program's arguments (the chip's parameters, KV cache and
-  visual memory).
+  with its layers unrolled. A decode program's HBM bytes per chip (`compiled_cost.hbm_bytes`:
+  the token loop, whose length depends on the answers, once, so one token's step) are set beside
+  what that step must read at least once: the program's arguments (the chip's parameters, KV
+  cache and visual memory); `cost_analysis()`'s bytes accessed in every memory space are
+  reported beside them.
   """
   try:
     placement = serving.Placement.from_flags(*placement_flags, devices=devices)
@@ -276,7 +278,7 @@ def generation_reports(config: ml_collections.ConfigDict, topology: Topology, de
       named = zip(('prefill', 'decode'), programs) if b > 1 else [('decode@1', programs[1])]
       for name, lowered in named:
         compiled = lowered.compile()
-        flops, seconds = _cost(compiled)
+        flops, seconds, accessed = _cost(compiled)
         report = dict(
             program=name, stage='generation', topology=topology.name, chips=len(devices),
             mesh=dict(placement.mesh.shape), dtype=model.dtype, batch=b,
@@ -285,9 +287,10 @@ def generation_reports(config: ml_collections.ConfigDict, topology: Topology, de
             compiler_seconds_as_compiled=seconds, compile_seconds=time.perf_counter() - start)
         report['fits'] = report['peak_bytes'] <= hbm_bytes
         if name != 'prefill':
-          report['bytes_accessed_per_token'] = compiled.cost_analysis().get('bytes accessed')
-          report['bytes_accessed_over_arguments'] = _ratio(report['bytes_accessed_per_token'],
-                                                           report['argument_bytes'])
+          report['bytes_accessed_per_token'] = accessed
+          report['hbm_bytes_per_token'] = compiled_cost.hbm_bytes(compiled.as_text())
+          report['hbm_bytes_over_arguments'] = _ratio(report['hbm_bytes_per_token'],
+                                                      report['argument_bytes'])
         reports.append((compiled, report))
         start = time.perf_counter()
     except (jax.errors.JaxRuntimeError, ValueError) as e:
@@ -372,12 +375,13 @@ def format_table(reports: list[dict]) -> str:
                  f'{_maybe(r["flops_over_analytic"]):>7}'
                  f'{_maybe(r["flops_over_analytic_with_remat"]):>12}'
                  f'{r["kernel_calls_not_counted"]:>9}{r["compile_seconds"]:>10.0f}')
-  decodes = [r for r in reports if r.get('bytes_accessed_per_token') is not None]
+  decodes = [r for r in reports if r.get('hbm_bytes_per_token') is not None]
   if decodes:
-    lines += ['', f'{"decode, per token":<22}{"accessed":>10}{"arguments":>11}{"ratio":>7}'
-              f'{"batch":>7}', '-' * 57]
-    lines += [f'{r["stage"]}/{r["program"]:<11}{_gib(r["bytes_accessed_per_token"]):>10}'
-              f'{_gib(r["argument_bytes"]):>11}{_maybe(r["bytes_accessed_over_arguments"]):>7}'
+    lines += ['', f'{"decode, per token":<22}{"HBM":>8}{"arguments":>11}{"ratio":>7}'
+              f'{"all spaces":>12}{"batch":>7}', '-' * 67]
+    lines += [f'{r["stage"]}/{r["program"]:<11}{_gib(r["hbm_bytes_per_token"]):>8}'
+              f'{_gib(r["argument_bytes"]):>11}{_maybe(r["hbm_bytes_over_arguments"]):>7}'
+              f'{"-" if r["bytes_accessed_per_token"] is None else _gib(r["bytes_accessed_per_token"]):>12}'
               f'{r["batch"]:>7}' for r in decodes]
   return '\n'.join(lines)
 

@@ -161,7 +161,9 @@ def test_generation_compiles_split_over_a_serving_slice():
   for r in reports.values():
     assert r['chips'] == 4 and r['mesh'] == {'data': 2, 'fsdp': 1, 'tensor': 2}, r
     assert r['dtype'] == 'bfloat16' and r['batch'] == 8 and r['fits']
-  assert reports['decode']['bytes_accessed_per_token'] > reports['decode']['argument_bytes']
+  decode = reports['decode']  # reads the chip's parameters once per token, VMEM traffic aside
+  assert 0.8 * decode['argument_bytes'] < decode['hbm_bytes_per_token'] < (
+      decode['bytes_accessed_per_token'])
 
 
 def test_bfloat16_serving_halves_what_a_decode_step_reads():
@@ -169,7 +171,7 @@ def test_bfloat16_serving_halves_what_a_decode_step_reads():
   bf16 = _generation('1,1,1', 'bfloat16', None)['decode@1']
   assert 0.45 < bf16['argument_bytes'] / f32['argument_bytes'] < 0.55
   # (the tiny model's logits, sampling and norms stay float32)
-  assert bf16['bytes_accessed_per_token'] < 0.75 * f32['bytes_accessed_per_token']
+  assert bf16['hbm_bytes_per_token'] < 0.75 * f32['hbm_bytes_per_token']
 
 
 def test_a_serving_mesh_that_does_not_suit_the_model_is_named():

@@ -1,7 +1,10 @@
-"""Matmul FLOPs read from optimised HLO (lavi_jax.compiled_flops) against counts made by hand:
-loops (a scan, XLA's windowed einsums) count their trip count, batched and grouped einsums (TPU
-convolutions with padded, dilated windows) their valid taps only."""
+"""Matmul FLOPs and HBM bytes read from optimised HLO (lavi_jax.compiled_cost) against counts made
+by hand: loops (a scan, XLA's windowed einsums) count their trip count, batched and grouped einsums
+(TPU convolutions with padded, dilated windows) their valid taps only; a weight prefetched into
+VMEM is read from HBM once, a gather or an in-place update moves its rows only."""
 # pylint: disable=redefined-outer-name
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lavi_jax import compile as compile_lib
-from lavi_jax.compiled_flops import UnknownTripCount, matmul_flops
+from lavi_jax.compiled_cost import UnknownTripCount, hbm_bytes, matmul_flops
 
 LAYERS, ROWS, WIDTH = 6, 256, 512
 
@@ -108,3 +111,47 @@ def test_a_loop_of_unknown_length_is_refused():
   text = jax.jit(until_small).lower(jnp.ones((8, 8))).compile().as_text()
   with pytest.raises(UnknownTripCount):
     matmul_flops(text)
+
+
+def _tpu_program(mesh, fn, *shapes, donate=()):
+  """fn compiled for one TPU chip; shapes: (shape, dtype) pairs."""
+  one_chip = NamedSharding(Mesh(mesh.devices.flat[:1], ('x',)), PartitionSpec())
+  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=one_chip) for shape, dtype in shapes]
+  return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+
+
+def _tanh_chain(weights, x):
+  for w in weights:
+    x = jnp.tanh(x @ w)
+  return x
+
+
+@pytest.mark.parametrize('form', ['unrolled', 'scanned', 'loop of unknown length'])
+def test_a_decode_step_reads_each_weight_from_hbm_once(mesh, form):
+  weight, weights = (WIDTH * 4, WIDTH * 4), (LAYERS, WIDTH * 4, WIDTH * 4)
+  fn = dict(
+      unrolled=lambda w, x: _tanh_chain(list(w), x),
+      scanned=lambda w, x: jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, w)[0],
+      # counted once: one token's step of a loop that runs until a condition on its outputs
+      **{'loop of unknown length': lambda w, x: jax.lax.while_loop(
+          lambda c: jnp.sum(c[1]) < 1e30, lambda c: (c[0], _tanh_chain(list(c[0]), c[1])),
+          (w, x))[1]})[form]
+  compiled = _tpu_program(mesh, fn, (weights, jnp.bfloat16), ((1, weight[1]), jnp.bfloat16))
+  weight_bytes = math.prod(weights) * 2
+  assert hbm_bytes(compiled.as_text()) == pytest.approx(weight_bytes, rel=0.01)
+
+
+def test_a_gather_and_an_in_place_update_move_their_rows_only(mesh):
+  rows, row_bytes = 32768, WIDTH * 4 * 2
+  lookup = _tpu_program(mesh, lambda table, ids: jnp.take(table, ids, axis=0) * 2,
+                        ((rows, WIDTH * 4), jnp.bfloat16), ((4,), jnp.int32))
+  assert 4 * row_bytes <= hbm_bytes(lookup.as_text()) < 16 * row_bytes
+  update = _tpu_program(
+      mesh, lambda cache, row, i: jax.lax.dynamic_update_slice(cache, jnp.tanh(row), (i, 0)),
+      ((rows, WIDTH * 4), jnp.bfloat16), ((1, WIDTH * 4), jnp.bfloat16), ((), jnp.int32),
+      donate=(0,))
+  assert row_bytes <= hbm_bytes(update.as_text()) < 4 * row_bytes
+  copied = _tpu_program(  # not donated: the cache is copied, read and written whole
+      mesh, lambda cache, row, i: jax.lax.dynamic_update_slice(cache, jnp.tanh(row), (i, 0)),
+      ((rows, WIDTH * 4), jnp.bfloat16), ((1, WIDTH * 4), jnp.bfloat16), ((), jnp.int32))
+  assert hbm_bytes(copied.as_text()) >= 2 * rows * row_bytes
