@@ -1,0 +1,81 @@
+"""The data packer (lavi_jax.data.packing): no example lost or cut, segment ids, positions and
+item numbers right, clear errors for examples that do not fit a row."""
+
+import numpy as np
+import pytest
+
+from lavi_jax.data import packing
+from lavi_jax.data.errors import DataError
+
+T, S = 16, 2
+
+
+def example(n, items=(), ident=None):
+  """n text tokens; items: frames per item, video when negative."""
+  ids = np.zeros(T, np.int32)
+  ids[:n] = 100 + np.arange(n) + (ident or 0) * 1000
+  targets = np.zeros(T, np.int32)
+  targets[:n - 1] = ids[1:n]
+  loss_mask = np.zeros(T, bool)
+  loss_mask[n // 2:n - 1] = True
+  frame_item = np.array([k for k, f in enumerate(items) for _ in range(abs(f))], np.int32)
+  frame_video = np.array([f < 0 for f in items for _ in range(abs(f))], bool)
+  frames = np.full((len(frame_item), S, S, 3), ident or 0, np.uint8)
+  return dict(id=f'r{ident}', input_ids=ids, text_mask=np.arange(T) < n, targets=targets,
+              loss_mask=loss_mask, frames=frames, frame_item=frame_item,
+              frame_video=frame_video, question_type=np.int32(0), num_truncated=np.int32(0))
+
+
+def test_rows_keep_every_example_whole():
+  examples = [example(n, items, ident=i) for i, (n, items) in enumerate(
+      [(9, (2,)), (5, ()), (7, (-3,)), (3, (1, 1)), (16, ()), (4, (2, -2))])]
+  rows = list(packing.pack_rows(examples, T))
+  assert len(rows) < len(examples)
+  seen = []
+  for row in rows:
+    segments = row['segment_ids']
+    np.testing.assert_array_equal(segments > 0, row['text_mask'])
+    assert (np.diff(segments[row['text_mask']]) >= 0).all()  # conversations are contiguous
+    for s in range(1, segments.max() + 1):
+      where = np.flatnonzero(segments == s)
+      ident = (row['input_ids'][where[0]] - 100) // 1000
+      original = examples[ident]
+      n = len(where)
+      np.testing.assert_array_equal(row['positions'][where], np.arange(n))
+      for k in packing.TEXT_KEYS:
+        np.testing.assert_array_equal(row[k][where], original[k][:n])
+      frames = row['frame_segment'] == s
+      np.testing.assert_array_equal(row['frames'][frames], original['frames'])
+      np.testing.assert_array_equal(row['frame_video'][frames], original['frame_video'])
+      items = row['frame_item'][frames]
+      if len(items):
+        np.testing.assert_array_equal(items - items.min(), original['frame_item'])
+      seen.append(int(ident))
+    # One item numbering per row, in order: items of later conversations come after.
+    assert (np.diff(row['frame_item']) >= 0).all()
+    assert row['positions'][~row['text_mask']].sum() == 0
+  assert sorted(seen) == list(range(len(examples)))
+
+
+def test_visual_budget_opens_new_rows():
+  examples = [example(2, (3,), ident=i) for i in range(4)]
+  rows = list(packing.pack_rows(examples, T, max_frames=4))
+  assert [len(r['frame_item']) for r in rows] == [3, 3, 3, 3]
+  tokens_of = lambda video: 5 if video else 2
+  examples = [example(2, (-2,), ident=i) for i in range(3)]
+  rows = list(packing.pack_rows(examples, T, max_tokens=20, tokens_of=tokens_of))
+  assert [int(r['segment_ids'].max()) for r in rows] == [2, 1]
+
+
+def test_open_rows_bound():
+  examples = [example(9, ident=i) for i in range(5)]
+  rows = list(packing.pack_rows(examples, T, open_rows=2))
+  assert len(rows) == 5 and all(r['segment_ids'].max() == 1 for r in rows)
+
+
+def test_oversized_example_is_named():
+  with pytest.raises(DataError, match=r"example 1 \(id 'r7'\).*frames_per_row"):
+    list(packing.pack_rows([example(3, (1,)), example(3, (5,), ident=7)], T, max_frames=4))
+  with pytest.raises(DataError, match=r"id 'r3'.*tokens_per_row"):
+    list(packing.pack_rows([example(3, (-2,), ident=3)], T, max_tokens=4,
+                           tokens_of=lambda video: 3))
