@@ -1,6 +1,7 @@
 """LoRA / QLoRA stages: zero adapters keep the base model, only adapters and named parameters
 train, merged weights equal base + adapters, checkpoints carry the adapters, int8 bases."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from lavi_jax import config as lavi_config
 from lavi_jax import sharding
-from lavi_jax.convert import hf, to_torch
+from lavi_jax.convert import to_torch
 from lavi_jax.models import LaVi
 from lavi_jax.train import checkpoint as ckpt_lib
 from lavi_jax.train import lora as lora_lib
@@ -186,8 +187,19 @@ def test_checkpoint_keeps_adapters_and_load_params_merges(tmp_path):
   spec = lora_lib.of_stage(config.train.stages.train)
   expected = jax.device_get(lora_lib.merge(trained, spec))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), loaded, expected)
-  with pytest.raises(hf.ConversionError, match='checkpoint 5 was taken in a LoRA stage'):
-    to_torch.Source(str(tmp_path))
+  # The export reads the merged weights too (a group at a time, adapters beside their targets).
+  source = to_torch.Source(str(tmp_path))
+  source.check()
+  exported = source.read(source.shapes)
+  flat_expected = flax.traverse_util.flatten_dict(expected)
+  assert set(exported) == set(flat_expected)
+  adapted = sorted(source.adapted)  # the LLM's attention and MLP projections
+  assert {p[-2] for p in adapted} == {f'{x}_proj' for x in 'qkvo'} | {
+      'gate_proj', 'up_proj', 'down_proj'}, adapted
+  for path, value in exported.items():
+    np.testing.assert_allclose(value, flat_expected[path], atol=1e-6, err_msg=str(path))
+  base = flax.traverse_util.flatten_dict(trained)[adapted[0]]  # the frozen kernel alone
+  assert np.abs(exported[adapted[0]] - base).max() > 1e-4
 
 
 def test_lora_config_errors_name_the_key():

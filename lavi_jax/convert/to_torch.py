@@ -52,6 +52,7 @@ from lavi_jax.data.tokenizer import PLACEHOLDERS, HFTokenizer, Tokenizer, load_t
 from lavi_jax.inference.generator import DEFAULT_NUM_FRAMES, default_chat_template, find_tokenizer
 from lavi_jax.models import abstract_params
 from lavi_jax.train import checkpoint as ckpt_lib
+from lavi_jax.train import lora as lora_lib
 
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
           'float16': np.dtype(np.float16)}
@@ -82,7 +83,8 @@ class Source:
   """The parameters of a checkpoint on disk, read a group of leaves at a time (numpy arrays).
 
   Attributes: model (model config), run (the run config of a training workdir, else None),
-  shapes ({path: (shape, dtype)} as stored).
+  shapes ({path: (shape, dtype)} as exported: as stored, but a LoRA-stage checkpoint's adapted
+  kernels merged, in their adapters' dtype, and no lora/ entries).
   """
 
   def __init__(self, path: str, step: int | None = None):
@@ -95,21 +97,33 @@ class Source:
       self.model = from_hf.load_converted_model(folder)
       ckpt_lib.check_intact(folder, f'convert.from_hf output {folder}')
       self.run, self.directory, self.root = None, folder / 'params', ()
+      self.lora = None
     else:
       self.run, self.directory = ckpt_lib.find_checkpoint(path, step)
       self.model, self.root = self.run.model, ('params',)
-      taken_at = int(self.directory.parent.name)
-      if ckpt_lib.lora_stage(self.run, taken_at):
-        raise hf.ConversionError(
-            f'{path}: checkpoint {taken_at} was taken in a LoRA stage; exporting LoRA adapters '
-            '(merged or PEFT-style) is not supported yet. Export a checkpoint of a later stage '
-            '(it starts from the merged weights), or generate / evaluate from this one.')
+      self.lora = ckpt_lib.lora_stage(self.run, int(self.directory.parent.name))
     self.path = path
     tree = ocp.PyTreeCheckpointer().metadata(self.directory).item_metadata.tree
     for key in self.root:
       tree = tree[key]
     self.shapes = {k: (tuple(v.shape), np.dtype(v.dtype))
                    for k, v in traverse_util.flatten_dict(tree).items()}
+    if self.lora is not None:
+      self._merge_adapters()
+
+  def _merge_adapters(self):
+    """A checkpoint of a LoRA stage exports its merged weights (lavi_jax.train.lora.merge): the
+    adapters (and QLoRA scales) are read beside their targets and leave `shapes`; an int8 target
+    takes its adapters' dtype."""
+    adapters = {k: v for k, v in self.shapes.items() if k[0] == lora_lib.ROOT}
+    self.shapes = {k: v for k, v in self.shapes.items() if k[0] != lora_lib.ROOT}
+    pattern = re.compile(self.lora.targets)
+    self.adapted = {k for k in self.shapes if pattern.search(lora_lib.SEP.join(k))}
+    for k in self.adapted:
+      self.shapes[k] = (self.shapes[k][0], adapters[(lora_lib.ROOT, *k, 'a_kernel')][1])
+    self.adapter_paths = {k: [a for a in adapters if a[1:-1] == k] for k in self.adapted}
+    logging.info('%s: a LoRA-stage checkpoint; its %d adapted kernels are exported merged '
+                 '(W + alpha / rank * A @ B)', self.path, len(self.adapted))
 
   def check(self):
     """The stored parameters are exactly those of `LaVi(self.model)`, shapes included."""
@@ -131,7 +145,16 @@ class Source:
                                f'{hf._format_names(problems)}')
 
   def read(self, paths: Iterable[Path]) -> dict[Path, np.ndarray]:
-    """The parameters at `paths`, restored together as numpy arrays."""
+    """The parameters at `paths`, restored together as numpy arrays (LoRA targets merged)."""
+    paths = list(paths)
+    adapted = [p for p in paths if self.lora is not None and p in self.adapted]
+    restored = self._restore(paths + [a for p in adapted for a in self.adapter_paths[p]])
+    if adapted:
+      merged = lora_lib.merge(traverse_util.unflatten_dict(restored), self.lora)
+      restored = {p: np.asarray(v) for p, v in traverse_util.flatten_dict(merged).items()}
+    return {p: restored[p] for p in paths}
+
+  def _restore(self, paths: list[Path]) -> dict[Path, np.ndarray]:
     item, args = {}, {}
     for path in paths:
       node, arg_node = item, args
