@@ -39,6 +39,26 @@ def count_items_so_far(input_ids: jax.Array, model: ml_collections.ConfigDict) -
   return jnp.cumsum(is_placeholder(input_ids, model), axis=1, dtype=jnp.int32)
 
 
+def item_segments(input_ids, segment_ids, visual: VisualTokens, model) -> jax.Array:
+  """Packed rows: the conversation (segment id) of each visual token (B, N), that of its item's
+  placeholder; -1 for padding tokens and items without a placeholder."""
+  t = input_ids.shape[1]
+  items_so_far = count_items_so_far(input_ids, model)
+  placeholder_pos = jax.vmap(lambda c, k: jnp.searchsorted(c, k + 1, side='left'))(
+      items_so_far, visual.item)
+  segment = jnp.take_along_axis(segment_ids, jnp.minimum(placeholder_pos, t - 1), axis=1)
+  return jnp.where(visual.mask & (placeholder_pos < t), segment, -1).astype(jnp.int32)
+
+
+def restart_positions(segment_ids: jax.Array) -> jax.Array:
+  """(B, L) segment ids, contiguous and increasing over the valid tokens, 0 on padding -> RoPE
+  positions restarting at 0 for each segment (padding: its index past the last segment)."""
+  length = segment_ids.shape[1]
+  keys = jnp.where(segment_ids > 0, segment_ids, jnp.iinfo(jnp.int32).max)
+  first = jax.vmap(lambda k: jnp.searchsorted(k, k, side='left'))(keys)
+  return (jnp.arange(length)[None] - first).astype(jnp.int32)
+
+
 def pool_grid(tokens: jax.Array, stride: int) -> jax.Array:
   """(M, g*g, D) -> (M, ceil(g/stride)^2, D) by bilinear resizing of the token grid."""
   m, p, d = tokens.shape
@@ -124,43 +144,81 @@ class LaVi(nn.Module):
       return None
     return self.viln_context(visual)
 
-  def conditioning(self, visual: VisualTokens | None,
-                   token_items: jax.Array) -> Conditioning | None:
+  def conditioning(self, visual: VisualTokens | None, token_items: jax.Array,
+                   token_segments: jax.Array | None = None,
+                   visual_segments: jax.Array | None = None) -> Conditioning | None:
     """What the ViLN layers read, for text tokens that have seen `token_items` items (B, T).
 
     Its visual memory is float32, so that its gradient, summed over every modulated norm (in
     the scan's carry when layers are scanned), accumulates in float32.
     """
     memory = self.visual_memory(visual)
-    return None if memory is None else token_conditioning(memory, token_items, jnp.float32)
+    if memory is None:
+      return None
+    return token_conditioning(memory, token_items, jnp.float32, token_segments, visual_segments)
 
   def __call__(self, input_ids, text_mask=None, images: VisualInput | None = None,
-               videos: VisualInput | None = None, visual: Pool | None = None) -> jax.Array:
+               videos: VisualInput | None = None, visual: Pool | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """input_ids (B, T), text_mask (B, T) bool (right padding) -> logits (B, T, V) float32.
 
     Visual input: a frame pool (`visual`, as training batches carry it) or padded `images` /
     `videos`. Logits at t predict token t + 1 of the text (for concat, placeholders excluded).
     """
-    return self.logits(self.hidden(input_ids, text_mask, images, videos, visual))
+    return self.logits(self.hidden(input_ids, text_mask, images, videos, visual, segment_ids))
 
   def hidden(self, input_ids, text_mask=None, images: VisualInput | None = None,
-             videos: VisualInput | None = None, visual: Pool | None = None) -> jax.Array:
-    """As `__call__`, but the LLM's final-normed hidden states (B, T, D) that give the logits."""
+             videos: VisualInput | None = None, visual: Pool | None = None,
+             segment_ids: jax.Array | None = None) -> jax.Array:
+    """As `__call__`, but the LLM's final-normed hidden states (B, T, D) that give the logits.
+
+    segment_ids (B, T) int32, packed rows (lavi_jax.data.packing): 0 on padding, 1, 2, ... per
+    conversation. Attention stays within a conversation, RoPE positions restart at each, and a
+    conversation's text sees only its own visual items (items are numbered per row). None: one
+    conversation per row, as before.
+    """
     b, t = input_ids.shape
     text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
     visual = self.encode_visual(images, videos, visual)
+    packed = segment_ids is not None
+    if packed:
+      segment_ids = jnp.where(text_mask, segment_ids, 0).astype(jnp.int32)
     if self.cfg.fusion == 'concat' and visual is not None:
       embeds, valid, out_pos = self.concat_inputs(input_ids, text_mask, visual)
-      positions = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
-      hidden = self.llm.hidden_states(embeds, positions, Mask.causal_padded(valid))
+      if packed:
+        merged = self.concat_segments(input_ids, text_mask, visual, segment_ids)
+        positions = restart_positions(merged)
+        mask = Mask(q_segment=merged, kv_segment=merged, causal=True)
+      else:
+        positions = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
+        mask = Mask.causal_padded(valid)
+      hidden = self.llm.hidden_states(embeds, positions, mask)
       return jnp.take_along_axis(hidden, out_pos[:, :, None], axis=1)
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if packed:
+      positions = restart_positions(segment_ids)
+      mask = Mask(q_segment=segment_ids, kv_segment=segment_ids, causal=True)
+    else:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      mask = Mask.causal_padded(text_mask)
     cond = None
     if self.cfg.fusion == 'viln':
-      cond = self.conditioning(visual, count_items_so_far(input_ids, self.cfg))
-    return self.llm.hidden_states(self.llm.embed(input_ids), positions,
-                                  Mask.causal_padded(text_mask),
-                                  cond)
+      visual_segments = None
+      if packed and visual is not None:
+        visual_segments = item_segments(input_ids, segment_ids, visual, self.cfg)
+      cond = self.conditioning(visual, count_items_so_far(input_ids, self.cfg),
+                               segment_ids if packed else None, visual_segments)
+    return self.llm.hidden_states(self.llm.embed(input_ids), positions, mask, cond)
+
+  def concat_segments(self, input_ids, text_mask, visual: VisualTokens,
+                      segment_ids: jax.Array) -> jax.Array:
+    """fusion='concat', packed rows: the segment id of each merged token (B, L), 0 on padding."""
+    b, _ = input_ids.shape
+    text_dest, visual_dest, _, length = concat_layout(input_ids, text_mask, visual, self.cfg)
+    rows = jnp.arange(b)[:, None]
+    merged = jnp.zeros((b, length), jnp.int32)
+    merged = merged.at[rows, text_dest].set(segment_ids, mode='drop')
+    return merged.at[rows, visual_dest].set(
+        item_segments(input_ids, segment_ids, visual, self.cfg), mode='drop')
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final-normed hidden states (B, T, D) -> logits (B, T, V) float32."""

@@ -115,15 +115,21 @@ class ViLNContext(nn.Module):
 
 
 def token_conditioning(memory: VisualMemory, token_items: jax.Array,
-                       kv_dtype: jnp.dtype | None = None) -> Conditioning:
+                       kv_dtype: jnp.dtype | None = None,
+                       token_segments: jax.Array | None = None,
+                       visual_segments: jax.Array | None = None) -> Conditioning:
   """The conditioning of text tokens that have seen `token_items` (B, T) visual items each.
 
   Every modulated norm reads its visual part (cast to the compute dtype), so the gradient of that
   part is summed over all of them, in its own dtype: the mlp/conv summary is float32, and so are
   the attention keys and values with `kv_dtype=jnp.float32` (`LaVi.conditioning`; decoding, which
-  takes no gradient, keeps the memory's dtype).
+  takes no gradient, keeps the memory's dtype). Packed rows (token_segments (B, T), and
+  visual_segments (B, N), -1 for invalid tokens): a token sees only its own conversation's items.
   """
   mask = Mask.item_prefix(token_items, memory['mask'], memory['item'])
+  if token_segments is not None:  # packed rows: a conversation sees only its own items
+    mask = mask.replace(q_segment=token_segments.astype(jnp.int32),
+                        kv_segment=visual_segments.astype(jnp.int32))
   if 'k' in memory:  # attention reads the mask itself: no (T, N) array
     k, v = (memory[n] if kv_dtype is None else memory[n].astype(kv_dtype) for n in ('k', 'v'))
     return {'mask': mask, 'has_visual': mask.any_allowed(), 'k': k, 'v': v}
