@@ -20,7 +20,10 @@ length, while an example also carries a variable number of frames (n, S, S, 3) w
 numbers must be shifted per row, and the row's visual budget (frames and visual tokens) is a
 second, independent capacity; this small iterator handles both.
 
-Not wired into the model, loss or batching yet: see the module's tests for what it guarantees.
+The model reads packed rows through `segment_ids` (LaVi.__call__ / LaVi.hidden; it derives
+positions and each visual item's conversation itself). Not wired into batching yet (no
+data.packing switch): the iterator here has no checkpoint state, which grain's data iterator
+needs before it can replace `.batch` in pipeline.make_dataset.
 """
 
 from __future__ import annotations
