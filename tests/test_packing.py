@@ -132,6 +132,29 @@ def test_packed_row_equals_each_conversation_alone(name):
   tol = dict(atol=5e-5, rtol=1e-5)
   np.testing.assert_allclose(packed[0, :len(a)], alone_a[0, :len(a)], **tol)
   np.testing.assert_allclose(packed[0, len(a):len(a) + len(b)], alone_b[0, :len(b)], **tol)
+  # The loss of a packed batch sums the conversations' losses (targets and loss mask are per
+  # conversation; the step reads segment_ids from the batch).
+  from lavi_jax.train import step as step_lib
+  from lavi_jax.models import LaVi as lavi_model
+
+  def loss(ids, mask, images, videos, cut=None, **extra):
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((1, 1), jnp.int32)], 1)
+    loss_mask = mask & jnp.roll(mask, -1, 1)
+    if cut is not None:  # targets must not cross a boundary: a's last token predicts nothing
+      loss_mask &= jnp.arange(t) != cut
+    batch = dict(input_ids=ids, text_mask=mask, images=images, videos=videos, targets=targets,
+                 loss_mask=loss_mask, **extra)
+    return step_lib.loss_sums(lavi_model(model), params, batch, chunk=8)
+
+  nll_a, (count_a, _) = loss(*row(a), kind(frames[0, :1], [0]), kind(frames[0, 1:3], [1, 1]))
+  nll_b, (count_b, _) = loss(*row(b), kind(frames[0, 5:6], [1]), kind(frames[0, 3:5], [0, 0]))
+  ids, mask = row(a, b)
+  nll, (count, _) = loss(ids, mask,
+                         kind(jnp.concatenate([frames[0, :1], frames[0, 5:6]]), [0, 3]),
+                         kind(frames[0, 1:5], [1, 1, 2, 2]), cut=len(a) - 1,
+                         segment_ids=segment_ids)
+  assert int(count) == int(count_a) + int(count_b)
+  np.testing.assert_allclose(nll, nll_a + nll_b, rtol=1e-5)
   # Vision reaches the text: the test would not notice a conversation seeing no items.
   text_only = apply(params, input_ids=row(a)[0], text_mask=row(a)[1])
   assert np.abs(np.asarray(text_only[0, 2:7]) - np.asarray(alone_a[0, 2:7])).max() > 1e-4

@@ -24,7 +24,7 @@ from lavi_jax.train import loss as loss_lib
 from lavi_jax.train import optimizer as opt_lib
 from lavi_jax.train.state import TrainState
 
-MODEL_INPUTS = ('input_ids', 'text_mask', 'images', 'videos', 'visual')
+MODEL_INPUTS = ('input_ids', 'text_mask', 'images', 'videos', 'visual', 'segment_ids')
 DATA_COUNTERS = ('num_skipped', 'num_truncated', 'num_visual_trimmed')
 
 
