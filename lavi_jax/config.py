@@ -124,7 +124,9 @@ def base_data_config() -> ml_collections.ConfigDict:
       skip_bad_records=False,  # True: skip and count (batch['num_skipped']) bad records
       num_workers=8,  # Grain worker processes; 0 = in-process
       read_threads=4,  # threads reading records in each process
-      synthetic=dict(seed=0, image_size=64, video_frames=8, video_fraction=0.0),
+      # question_types: 'colour,count,...' draws only those (see data/synthetic.py); '' = all
+      synthetic=dict(seed=0, image_size=64, video_frames=8, video_fraction=0.0,
+                     question_types=''),
   ))
 
 
@@ -399,6 +401,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   for name, stage in config.train.stages.items():
     if 'lora' in stage:
       validate_lora(name, stage.lora)
+  types = config.data.synthetic.get('question_types', '')
+  known = ('colour', 'count', 'position', 'yes_no', 'motion')  # data/synthetic.py QUESTION_TYPES
+  bad = [t for t in types.split(',') if t.strip() not in known] if types else []
+  _check(not bad, 'data.synthetic.question_types',
+         f'unknown question types {bad}; choose comma-separated names from {known} (\'\': all)')
   _check(config.eval.dtype in ('',) + DTYPES, 'eval.dtype',
          f'{config.eval.dtype!r} is not one of {DTYPES} (or \'\': the model\'s)')
   return global_batch_size(config, num_devices)

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
+from lavi_jax import config as lavi_config
 from lavi_jax.data import chat, image, mixture, synthetic, tfds_data
 from lavi_jax.data.errors import DataError
 from lavi_jax.data.llava import LlavaSource
@@ -140,6 +141,28 @@ def test_synthetic_is_deterministic_and_held_out():
   assert len(pixels(a)) == 50 and not pixels(a) & pixels(test)
   with pytest.raises(IndexError):
     a[50]
+
+
+def test_synthetic_question_types_restrict_the_draw():
+  only = synthetic.SyntheticShapes('train', 200, video_fraction=0.3, question_types=('position',))
+  assert {synthetic.QUESTION_TYPES[only[i]['question_type']] for i in range(200)} == {'position'}
+  mixed = synthetic.SyntheticShapes('train', 200, video_fraction=0.3,
+                                    question_types=('count', 'motion'))
+  assert {synthetic.QUESTION_TYPES[mixed[i]['question_type']] for i in range(200)} == {
+      'count', 'motion'}
+  every = synthetic.SyntheticShapes('train', 20, video_fraction=0.3,
+                                    question_types=synthetic.QUESTION_TYPES)
+  default = synthetic.SyntheticShapes('train', 20, video_fraction=0.3)
+  assert [every[i]['conversations'] for i in range(20)] == [
+      default[i]['conversations'] for i in range(20)]
+  with pytest.raises(ValueError, match='choose one or more'):
+    synthetic.SyntheticShapes('train', 1, question_types=('shape',))
+  config = lavi_config.base_config()
+  config.data.synthetic.question_types = 'position'
+  assert mixture.synthetic_question_types(config.data.synthetic) == ('position',)
+  config.data.synthetic.question_types = 'count,shape'
+  with pytest.raises(lavi_config.ConfigError, match=r'data\.synthetic\.question_types'):
+    lavi_config.validate(config, num_devices=1)
 
 
 def _centroid(pixels):

@@ -53,13 +53,20 @@ def parse_mixture(spec: str) -> list[SourceSpec]:
   return entries
 
 
+def synthetic_question_types(s: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """data.synthetic.question_types ('a,b'; '' = all) as a tuple."""
+  names = s.get('question_types', '')
+  return tuple(n.strip() for n in names.split(',')) if names else synthetic.QUESTION_TYPES
+
+
 def make_source(entry: SourceSpec, data: ml_collections.ConfigDict):
   """A random-access source of raw records for one mixture entry."""
   if entry.kind == 'synthetic':
     split, _, size = entry.arg.partition(':')
     s = data.synthetic
     return synthetic.SyntheticShapes(split, int(size or 10_000), s.seed, s.image_size,
-                                     s.video_frames, s.video_fraction)
+                                     s.video_frames, s.video_fraction,
+                                     synthetic_question_types(s))
   if entry.kind == 'llava':
     return llava.LlavaSource(entry.arg, data.image_root, data.video_root, data.skip_bad_records)
   name, _, split = entry.arg.rpartition('#')

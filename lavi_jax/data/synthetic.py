@@ -88,9 +88,18 @@ class SyntheticShapes:
   """
 
   def __init__(self, split: str = 'train', size: int = 10_000, seed: int = 0,
-               image_size: int = 64, video_frames: int = 8, video_fraction: float = 0.0):
+               image_size: int = 64, video_frames: int = 8, video_fraction: float = 0.0,
+               question_types: tuple[str, ...] = QUESTION_TYPES):
     if split not in SPLITS:
       raise ValueError(f'unknown synthetic split {split!r}; choose from {SPLITS}')
+    unknown = [t for t in question_types if t not in QUESTION_TYPES]
+    if unknown or not question_types:
+      raise ValueError(f'synthetic question types {tuple(question_types)!r}: choose one or more '
+                       f'of {QUESTION_TYPES}')
+    # Only these types are drawn: motion with probability video_fraction (always when it is the
+    # only type), else an image type uniformly; all types give the default stream unchanged.
+    self.image_types = tuple(t for t in IMAGE_TYPES if t in question_types)
+    self.motion = 'motion' in question_types
     self.split, self.size, self.seed = split, size, seed
     self.image_size, self.video_frames, self.video_fraction = (image_size, video_frames,
                                                                video_fraction)
@@ -105,10 +114,11 @@ class SyntheticShapes:
     if not 0 <= index < self.size:
       raise IndexError(f'index {index} out of range for {self!r}')
     rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
-    if rng.random() < self.video_fraction:
+    draw = rng.random()
+    if self.motion and (draw < self.video_fraction or not self.image_types):
       kind = 'motion'
     else:
-      kind = IMAGE_TYPES[rng.integers(len(IMAGE_TYPES))]
+      kind = self.image_types[rng.integers(len(self.image_types))]
     answer = ANSWERS[kind][rng.integers(len(ANSWERS[kind]))]
     question, visual = getattr(self, f'_{kind}')(rng, answer)
     record = dict(id=f'synthetic/{self.split}/{index}', images=[], videos=[],
