@@ -43,11 +43,15 @@ def item_segments(input_ids, segment_ids, visual: VisualTokens, model) -> jax.Ar
   """Packed rows: the conversation (segment id) of each visual token (B, N), that of its item's
   placeholder; -1 for padding tokens and items without a placeholder."""
   t = input_ids.shape[1]
-  items_so_far = count_items_so_far(input_ids, model)
-  placeholder_pos = jax.vmap(lambda c, k: jnp.searchsorted(c, k + 1, side='left'))(
-      items_so_far, visual.item)
+  placeholder_pos = placeholder_positions(count_items_so_far(input_ids, model), visual.item)
   segment = jnp.take_along_axis(segment_ids, jnp.minimum(placeholder_pos, t - 1), axis=1)
   return jnp.where(visual.mask & (placeholder_pos < t), segment, -1).astype(jnp.int32)
+
+
+def placeholder_positions(items_so_far: jax.Array, item: jax.Array) -> jax.Array:
+  """items_so_far (B, T) (count_items_so_far), item (B, N) -> (B, N): the text position of each
+  item's placeholder; T when the item has no placeholder."""
+  return jax.vmap(lambda c, k: jnp.searchsorted(c, k + 1, side='left'))(items_so_far, item)
 
 
 def restart_positions(segment_ids: jax.Array) -> jax.Array:
@@ -95,8 +99,7 @@ def concat_layout(input_ids, text_mask, visual: VisualTokens, model: ml_collecti
   sorted_keys = jnp.take_along_axis(keys, order, axis=1)
   first = jax.vmap(lambda k: jnp.searchsorted(k, k, side='left'))(sorted_keys)
   rank = jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(jnp.arange(n) - first)
-  placeholder_pos = jax.vmap(lambda c, k: jnp.searchsorted(c, k + 1, side='left'))(
-      items_so_far, visual.item)  # (B, N); T when the item has no placeholder
+  placeholder_pos = placeholder_positions(items_so_far, visual.item)  # (B, N)
   has_place = visual.mask & (placeholder_pos < t)
   item_start = jnp.take_along_axis(start, jnp.minimum(placeholder_pos, t - 1), axis=1)
   visual_dest = jnp.where(has_place, item_start + rank, length)
