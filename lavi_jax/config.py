@@ -200,7 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
           # <analysis>), 'none', or a JSON list of [start, end] tag pairs
           reasoning_tags='default',
       ),
-      init_from='',  # a convert.from_hf output directory to start from
+      init_from='',  # a convert.from_hf output, or a training workdir (its latest checkpoint)
       seed=0,
       dry_run=False,
   ))

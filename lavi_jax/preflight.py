@@ -63,12 +63,14 @@ def _file_problems(config: ml_collections.ConfigDict,
       problems.append(f'config.data.tokenizer: {e}')
   if config.init_from:
     try:
-      stored = from_hf.load_converted_model(config.init_from)
+      stored = (ckpt_lib.find_checkpoint(config.init_from)[0].model
+                if from_hf.checkpoint_kind(config.init_from) == 'workdir'
+                else from_hf.load_converted_model(config.init_from))
     except FileNotFoundError as e:
       problems.append(f'config.init_from: {e}')
     else:
-      problems += [f'config.init_from: {config.init_from} was converted for a different model '
-                   f'(convert again with this config): {d}'
+      problems += [f'config.init_from: {config.init_from} holds a different model '
+                   f'(convert or train it with this config): {d}'
                    for d in ckpt_lib.model_config_differences(stored, config.model)]
   return problems
 

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from lavi_jax import sharding
@@ -183,6 +185,27 @@ def test_read_only_uses_refuse_a_corrupt_checkpoint(base, tmp_path):
   config, _ = ckpt_lib.load_params(str(workdir), step=2)
   assert config.checkpoint.every == 2
   assert _listing(workdir) == ['2', '4']  # nothing renamed
+
+
+def test_init_from_a_training_workdir_starts_from_its_latest_checkpoint(base, tmp_path):
+  """init_from takes a training workdir too: its latest checkpoint's parameters; a workdir of
+  another model is refused naming the difference; a corrupt one as a read-only use would."""
+  config = _config()
+  config.init_from = str(base)
+  shardings = loop.make_param_shardings(config, sharding.make_mesh(config.mesh))
+  started = loop._initial_params(config, shardings)  # pylint: disable=protected-access
+  _, latest = ckpt_lib.load_params(str(base))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(started), jax.device_get(latest))
+  other = _config()
+  other.model.viln.delta_clip = 3.0
+  other.init_from = str(base)
+  with pytest.raises(ckpt_lib.ModelConfigMismatch, match='delta_clip'):
+    loop._initial_params(other, shardings)  # pylint: disable=protected-access
+  workdir = _copy(base, tmp_path)
+  name = _corrupt_largest(workdir / 'checkpoints' / '4')
+  config.init_from = str(workdir)
+  with pytest.raises(ckpt_lib.CorruptCheckpoint, match=name):
+    loop._initial_params(config, shardings)  # pylint: disable=protected-access
 
 
 def test_init_from_refuses_a_corrupt_conversion(tmp_path):

@@ -150,11 +150,17 @@ def llm_trained(params, stage: opt_lib.Stage) -> bool:
 
 
 def _initial_params(config: ml_collections.ConfigDict, param_shardings):
-  """Parameters from `config.init_from` (a convert.from_hf output), restored sharded."""
+  """Parameters from `config.init_from`, restored sharded: a convert.from_hf output, or a
+  training workdir's latest checkpoint (a LoRA stage's with its adapters merged)."""
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(config.model), param_shardings)
+  where = f'init_from={config.init_from}'
+  if from_hf.checkpoint_kind(config.init_from) == 'workdir':
+    run, state = ckpt_lib.find_checkpoint(config.init_from)
+    ckpt_lib.check_model_config(run.model, config.model, where)
+    return ckpt_lib.read_params(run, state, abstract)
   stored_model, params = from_hf.load_converted(config.init_from, abstract)
-  ckpt_lib.check_model_config(stored_model, config.model, f'init_from={config.init_from}')
+  ckpt_lib.check_model_config(stored_model, config.model, where)
   return params
 
 
